@@ -1,0 +1,37 @@
+"""The whole plugin API.
+
+A plugin is a module (or object) with functions marked ``@splice.hookimpl`` named like the specs below.
+Each hook receives a ``register`` callback and returns nothing::
+
+    register(name, builder, config_cls, *, aliases=(), tiny=None, hf=None, description=None)
+
+``builder(config) -> nn.Module`` takes an instance of ``config_cls`` (a pydantic model); ``tiny`` is a dict of
+config values small enough for tests; ``hf`` an optional ``splice.HFInterop`` saying how to read checkpoints
+written by transformers. Built-in plugins register through these same hooks.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("splice")
+
+
+@hookspec
+def register_encoders(register):
+    """Register vision encoders: ``builder(config)`` returns a module satisfying ``VisionEncoder``."""
+
+
+@hookspec
+def register_decoders(register):
+    """Register text decoders: ``builder(config)`` returns a module satisfying ``TextDecoder``."""
+
+
+@hookspec
+def register_adapters(register):
+    """Register cross-attention kinds: ``builder(config)`` returns a ``CrossAttentionAdapter``."""
+
+
+@hookspec
+def register_projections(register):
+    """Register projections: ``builder(config)`` returns a callable ``(in_width, out_width) -> nn.Module``."""
