@@ -1,4 +1,9 @@
-"""splice: compose any vision encoder with any text decoder."""
+"""splice: compose any vision encoder with any text decoder, from a config file, through plugins.
+
+    plan = splice.validate("examples/vit-gpt2.yaml")   # checks everything, allocates no weights
+    model = splice.compose("examples/vit-gpt2.yaml")   # an nn.Module
+    model.save_pretrained("out/"); model = splice.load("out/")
+"""
 
 from __future__ import annotations
 
@@ -25,3 +30,52 @@ from splice.core.interfaces import (  # noqa: E402
 )
 
 __version__ = "0.1.0"
+
+
+def validate(spec):
+    """Resolve and check a spec (a path, a preset name, a dict or a CompositionSpec); returns a ``Plan``."""
+    from splice.core.composer import validate as _validate
+
+    return _validate(spec)
+
+
+def compose(spec, *, seed: int | None = None):
+    """Build the model a spec describes (raises a ``SpliceError`` subclass listing every problem)."""
+    from splice.core.composer import compose as _compose
+
+    return _compose(spec, seed=seed)
+
+
+def load(path, *, dtype=None, strict: bool = True, revision: str | None = None):
+    """Load a splice folder, a transformers VisionEncoderDecoder folder, or a hub repo id."""
+    from splice.core.checkpoint import load as _load
+
+    return _load(path, dtype=dtype, strict=strict, revision=revision)
+
+
+def list_components(kind: str | None = None) -> list[dict]:
+    """Registered components (and presets) as dicts: kind, name, plugin, aliases, description."""
+    from splice.core.plugins import get_registry
+
+    registry = get_registry()
+    rows = []
+    for k in ("encoder", "decoder", "adapter", "projection"):
+        if kind in (None, k):
+            for e in registry.entries(k):
+                rows.append({"kind": k, "name": e.name, "plugin": e.plugin, "aliases": list(e.aliases),
+                             "description": e.description, "tiny": e.tiny, "hf_model_types": list(e.hf.model_types) if e.hf else []})
+    if kind in (None, "preset"):
+        for p in registry.presets.values():
+            rows.append({"kind": "preset", "name": p.name, "plugin": "registry.yaml", "aliases": [],
+                         "description": p.description or f"{p.kind} {p.family}", "family": p.family, "weights": p.weights})
+        for name in registry.compositions:
+            rows.append({"kind": "preset", "name": name, "plugin": "registry.yaml", "aliases": [],
+                         "description": registry.composition_descriptions.get(name) or "composition"})
+    return rows
+
+
+def schema() -> dict:
+    """JSON Schema of the composition spec."""
+    from splice.core.spec import schema as _schema
+
+    return _schema()

@@ -10,10 +10,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 
-class SpliceError(Exception):
-    """Base class of every error splice raises for bad input."""
-
-
 @dataclass(frozen=True)
 class Problem:
     """One problem found in a spec or config: where, what was given, what was expected, the fix."""
@@ -23,6 +19,7 @@ class Problem:
     given: Any = None
     expected: str = ""
     fix: str = ""
+    error: str = "config"  # which SpliceError subclass this problem belongs to: config|unknown|incompatible
 
     def __str__(self) -> str:
         parts = [f"{self.path or '<root>'}: {self.message}"]
@@ -36,35 +33,52 @@ class Problem:
         return line
 
 
-class ConfigError(SpliceError):
-    """A spec or component config is malformed. Holds every problem found, not only the first."""
+class SpliceError(Exception):
+    """Base class of every error splice raises for bad input.
 
-    def __init__(self, problems: Sequence[Problem] | str, *, source: str | None = None):
+    Takes a message, or a list of ``Problem`` (all the problems found at once, each with its dotted path).
+    """
+
+    def __init__(self, problems: "Sequence[Problem] | str", *, source: str | None = None):
         if isinstance(problems, str):
-            problems = [Problem(path="", message=problems)]
+            self.problems = [Problem(path="", message=problems)]
+            self.source = source
+            super().__init__(problems)
+            return
         self.problems = list(problems)
         self.source = source
-        head = f"{len(self.problems)} problem(s)" + (f" in {source}" if source else "")
-        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
+        if len(self.problems) == 1 and not source:
+            text = str(self.problems[0])
+        else:
+            head = f"{len(self.problems)} problem(s)" + (f" in {source}" if source else "")
+            text = head + ":\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(text)
+
+
+class ConfigError(SpliceError):
+    """A spec or component config is malformed."""
 
 
 class UnknownComponentError(SpliceError):
     """A name that no plugin registered; the message lists close matches."""
 
-    def __init__(self, kind: str, name: str, known: Sequence[str], *, path: str | None = None):
-        import difflib
+    @classmethod
+    def for_name(cls, kind: str, name: str, known: Sequence[str], *, path: str = "") -> "UnknownComponentError":
+        return cls([unknown_problem(kind, name, known, path=path)])
 
-        self.kind, self.name, self.path = kind, name, path
-        close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
-        where = f"{path}: " if path else ""
-        hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else "no close match"
-        msg = (
-            f"{where}unknown {kind} {name!r}; {hint}\n"
-            f"    fix: use one of the registered {kind}s (`splice list --kind {kind}`), "
-            f"or install the plugin that provides it"
-        )
-        self.suggestions = close
-        super().__init__(msg)
+
+def unknown_problem(kind: str, name: str, known: Sequence[str], *, path: str = "") -> Problem:
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(known), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else "no registered name is close"
+    return Problem(
+        path=path,
+        message=f"unknown {kind} {name!r} ({hint})",
+        expected=f"a registered {kind}",
+        fix=f"`splice list --kind {kind}` shows them; or install the plugin that provides {name!r}",
+        error="unknown",
+    )
 
 
 class IncompatibleComponentsError(SpliceError):
@@ -81,3 +95,11 @@ class PluginError(SpliceError):
 
 class InputError(SpliceError):
     """Tensors passed at run time that do not fit the model (shape, dtype, image size, token ids)."""
+
+
+_BY_KIND = {"config": ConfigError, "unknown": UnknownComponentError, "incompatible": IncompatibleComponentsError}
+
+
+def error_for(problems: Sequence[Problem], *, source: str | None = None) -> SpliceError:
+    """One exception for a list of problems: the subclass of the first problem, every problem in the message."""
+    return _BY_KIND.get(problems[0].error, ConfigError)(problems, source=source)

@@ -1,0 +1,277 @@
+"""Saving and loading: splice folders, and folders written by transformers.
+
+safetensors only for splice's own files (no pickle). Models are built with parameters on the meta device and
+the tensors are assigned from the file, so loading holds about one copy of the weights. Saves are atomic: the
+files are written to a temp folder beside the target, which then replaces the target in a rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from splice.core.errors import CheckpointError, ConfigError, SpliceError
+
+SPLICE_CONFIG = "splice.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadReport:
+    """What a load did, by tensor name."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, no place in the model
+    unused: list[str] = field(default_factory=list)  # in the file, known to be unneeded (pooler, legacy buffers)
+    initialised: list[str] = field(default_factory=list)  # newly initialised (e.g. new cross-attention)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors from {self.source}"]
+        for label, names in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("unused", self.unused),
+            ("newly initialised", self.initialised),
+        ):
+            if names:
+                lines.append(f"  {label} ({len(names)}): {', '.join(names)}")
+        return "\n".join(lines)
+
+
+# -- saving ----------------------------------------------------------------------------------------------
+
+
+def save_pretrained(model, path: str | os.PathLike, *, extra_files: dict[str, bytes] | None = None) -> None:
+    """Write ``splice.json`` and ``model.safetensors`` into ``path``, replacing it atomically."""
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tensors, tied = _dedupe(model.state_dict())
+        meta = {"format": "splice", "version": str(FORMAT_VERSION), "tied": json.dumps(tied)}
+        save_file(tensors, tmp / WEIGHTS, metadata=meta)
+        config = {"format": "splice", "version": FORMAT_VERSION, "spec": model.spec}
+        if model.generation_defaults:
+            config["generation"] = model.generation_defaults
+        (tmp / SPLICE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    if not target.is_dir():
+        raise CheckpointError(f"cannot save to {target}: it exists and is not a folder\n    fix: choose another path")
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rmdir(old)
+    os.replace(target, old)  # the previous checkpoint stays whole until the new one is in place
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """safetensors refuses shared storage: keep one name per tensor, remember the others as ties."""
+    seen: dict[tuple, str] = {}
+    out, tied = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t.detach().contiguous()
+    return out, tied
+
+
+# -- reading files -----------------------------------------------------------------------------------------
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors of one file (memory-mapped) and its metadata; errors name the file."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found\n    fix: check the checkpoint folder")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except SpliceError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})\n"
+            "    fix: the file is truncated or corrupted; save or download it again"
+        ) from None
+
+
+def read_weights(folder: Path) -> dict[str, Tensor]:
+    """A folder's weights: model.safetensors, a sharded index, or (transformers 4.x) pytorch_model.bin."""
+    single = folder / WEIGHTS
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        return read_safetensors(single)[0]
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        out: dict[str, Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors, _ = read_safetensors(folder / shard)
+            out.update(tensors)
+        absent = sorted(set(weight_map) - set(out))
+        if absent:
+            raise CheckpointError(f"{index}: tensors listed in the index are not in their shards: {', '.join(absent[:10])}")
+        return out
+    binary = folder / "pytorch_model.bin"
+    if binary.is_file():
+        try:
+            return torch.load(binary, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise CheckpointError(f"{binary}: cannot read it safely ({exc})\n    fix: convert it to safetensors") from None
+    raise CheckpointError(
+        f"{folder}: no weights found (looked for {WEIGHTS}, model.safetensors.index.json, pytorch_model.bin)"
+    )
+
+
+# -- loading into a model ------------------------------------------------------------------------------------
+
+
+def assign_weights(model, state: dict[str, Tensor], *, source: str, strict: bool = True, dtype: torch.dtype | None = None,
+                   unused: Iterable[str] = (), expected_new: Iterable[str] = (), fresh=None) -> LoadReport:
+    """Assign tensors into a (meta-built) model by name, checking every shape; report what happened.
+
+    ``expected_new`` names weights the file is not meant to have (new cross-attention); they, and with
+    ``strict=False`` any other missing weight, are taken from ``fresh()`` (a randomly initialised model).
+    """
+    report = LoadReport(source=source, unused=sorted(unused))
+    expected = model.state_dict()
+    mismatched = [
+        f"{name}: file {tuple(t.shape)}, model {tuple(expected[name].shape)}"
+        for name, t in state.items()
+        if name in expected and tuple(expected[name].shape) != tuple(t.shape)
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"{source}: {len(mismatched)} tensor(s) have the wrong shape for this model:\n  "
+            + "\n  ".join(mismatched)
+            + "\n    fix: the checkpoint was made for a different configuration; check the config against the weights"
+        )
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    new = set(expected_new)
+    report.unexpected = sorted(result.unexpected_keys)
+    report.missing = sorted(k for k in result.missing_keys if k not in new and _is_meta(model, k))
+    report.loaded = sorted(set(state) - set(report.unexpected))
+    if strict and (report.missing or report.unexpected):
+        raise CheckpointError(
+            f"{source}: the weights do not match the model\n"
+            + (f"  missing ({len(report.missing)}): {', '.join(report.missing[:20])}\n" if report.missing else "")
+            + (f"  unexpected ({len(report.unexpected)}): {', '.join(report.unexpected[:20])}\n" if report.unexpected else "")
+            + "    fix: check that the folder's config and weights belong together (or load with strict=False)"
+        )
+    todo = sorted(k for k in result.missing_keys if _is_meta(model, k))
+    if todo:
+        assert fresh is not None, "missing weights but no way to initialise them"
+        init = fresh().state_dict()
+        model.load_state_dict({k: init[k] for k in todo}, strict=False, assign=True)
+        report.initialised = todo
+    if dtype is not None:
+        model.to(dtype)
+    return report
+
+
+def _is_meta(model, name: str) -> bool:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    t = getattr(module, attr, None)
+    return isinstance(t, Tensor) and t.device.type == "meta"
+
+
+def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, strict: bool = True, revision: str | None = None):
+    """A model from a splice folder, a transformers VisionEncoderDecoder folder, or a hub repo id."""
+    folder = resolve_folder(path, revision=revision)
+    if (folder / SPLICE_CONFIG).is_file():
+        return _load_splice(folder, dtype=dtype, strict=strict)
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        from splice.core import transformers_format
+
+        return transformers_format.load_ved(folder, dtype=dtype, strict=strict)
+    raise CheckpointError(
+        f"{folder}: neither {SPLICE_CONFIG} (a splice folder) nor config.json (a transformers folder) is here\n"
+        "    fix: point at a folder written by model.save_pretrained or by transformers"
+    )
+
+
+def resolve_folder(path: str | os.PathLike, *, revision: str | None = None) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p}: expected a folder, got a file\n    fix: give the folder that holds it")
+    text = str(path)
+    if text.count("/") <= 1 and not text.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(text, revision=revision))
+        except Exception as exc:
+            raise CheckpointError(
+                f"{text!r} is not a local folder and the hub could not provide it ({type(exc).__name__}: {exc})\n"
+                "    fix: check the path or repo id; offline, download it first (HF_HUB_OFFLINE=1 uses the cache)"
+            ) from None
+    raise CheckpointError(f"{p}: no such folder\n    fix: check the path")
+
+
+def _load_splice(folder: Path, *, dtype, strict: bool):
+    from splice.core.composer import validate
+
+    try:
+        config = json.loads((folder / SPLICE_CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{folder / SPLICE_CONFIG}: not valid JSON ({exc})") from None
+    if config.get("format") != "splice" or "spec" not in config:
+        raise CheckpointError(f"{folder / SPLICE_CONFIG}: not a splice config (no format/spec)")
+    plan = validate(config["spec"])
+    if not plan.ok:
+        raise ConfigError(plan.problems, source=str(folder / SPLICE_CONFIG))
+    model = plan.meta_model
+    from splice.core.composer import assemble
+
+    tensors, meta = read_safetensors(folder / WEIGHTS)
+    for alias, original in json.loads(meta.get("tied", "{}")).items():
+        tensors[alias] = tensors[original]
+    model.loading_report = assign_weights(model, tensors, source=str(folder / WEIGHTS), strict=strict, dtype=dtype,
+                                          fresh=lambda: assemble(plan))
+    model.generation_defaults = dict(config.get("generation") or {})
+    return model.eval()
+
+
+def load_pretrained_parts(model, plan) -> None:
+    """Warm start from pretrained encoder/decoder weights (a later issue)."""
+    raise ConfigError(
+        "pretrained encoder/decoder weights in a spec are not supported yet\n"
+        "    fix: set `pretrained: false`, or load a whole checkpoint with splice.load"
+    )
