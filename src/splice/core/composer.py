@@ -106,9 +106,8 @@ class Plan:
                 continue
             via = f" (preset {part.preset})" if part.preset else ""
             weights = "random init" if part.pretrained is False else f"pretrained from {part.weights}"
-            lines.append(
-                f"  {part.role:<9}{part.family}{via}: width {part.width}, {part.params:,} params, {weights}"
-            )
+            size = f"width {part.width}, {part.params:,} params, " if part.width else ""
+            lines.append(f"  {part.role:<9}{part.family}{via}: {size}{weights}")
             cfg = ", ".join(f"{k}={v}" for k, v in part.config.model_dump().items())
             lines.append(f"             config: {cfg}")
         if self.encoder and self.decoder:

@@ -79,7 +79,7 @@ class EncoderDecoderModel(nn.Module):
         if value is None:
             raise InputError(
                 f"tokens.{name} is not set, and {field} needs it\n"
-                f"    fix: add `tokens: {{{name}: <id>}}` to the spec (or pass {field} explicitly)"
+                f"    fix: add `tokens: {{{name}: <id>}}` to the spec, or pass decoder_input_ids yourself"
             )
         return value
 
@@ -101,9 +101,8 @@ class EncoderDecoderModel(nn.Module):
             encoder_outputs = self.encode(pixel_values)
         encoder_hidden = _last_hidden(encoder_outputs)  # (B, N, D_enc)
         if labels is not None and decoder_input_ids is None:
-            decoder_input_ids = shift_right(
-                labels, self._token("pad", "shifting labels"), self._token("decoder_start", "shifting labels")
-            )
+            start = self._token("decoder_start", "labels (to shift them right)")
+            decoder_input_ids = shift_right(labels, self._token("pad", "labels (to shift them right)"), start)
         if decoder_input_ids is None:
             raise InputError("give decoder_input_ids (B, T) or labels (B, T)")
         out = self.decoder(

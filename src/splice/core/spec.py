@@ -177,8 +177,8 @@ def problems_from_validation(exc: ValidationError, *, prefix: str = "", model: t
             expected = ""
             if "expected" in err.get("ctx", {}):
                 expected = str(err["ctx"]["expected"])
-            if isinstance(given, (dict, list)) and len(repr(given)) > 80:
-                given = type(given).__name__
+            if not err["loc"] or isinstance(given, (dict, list)) and len(repr(given)) > 60:
+                given = None  # a whole config: the message itself names the values
             problems.append(Problem(path, msg, given=given, expected=expected, fix=_fix_for(kind, loc[-1] if loc else "")))
     return problems
 

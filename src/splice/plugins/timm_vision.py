@@ -337,7 +337,8 @@ def _vit_kwargs(cfg: _PatchTransformer) -> dict[str, Any]:
 
 
 def _wrap(model: nn.Module, cfg: Any, hidden_size: int, **kw: Any) -> TimmEncoder:
-    return TimmEncoder(model, hidden_size=hidden_size, preprocessing=_preprocessing(model, cfg.img_size, cfg.in_chans), **kw)
+    pre = _preprocessing(model, cfg.img_size, cfg.in_chans)
+    return TimmEncoder(model, hidden_size=hidden_size, preprocessing=pre, **kw)
 
 
 def _create(arch: str, **kwargs: Any) -> nn.Module:
@@ -574,18 +575,21 @@ def _vit_tables(c: dict, family: str) -> tuple[Pairs, Fused]:
 
 
 def _swin_tables(c: dict) -> tuple[Pairs, Fused]:
-    pairs = _wb("embeddings.patch_embeddings.projection", "patch_embed.proj") + _wb("embeddings.norm", "patch_embed.norm")
+    pairs = _wb("embeddings.patch_embeddings.projection", "patch_embed.proj")
+    pairs += _wb("embeddings.norm", "patch_embed.norm")
     fused: Fused = []
     stages = len(c["depths"])
     for s, depth in enumerate(c["depths"]):
         for b in range(depth):
             hf, ours = f"encoder.layers.{s}.blocks.{b}", f"layers.{s}.blocks.{b}"
             pairs += _wb(f"{hf}.layernorm_before", f"{ours}.norm1") + _wb(f"{hf}.layernorm_after", f"{ours}.norm2")
-            pairs.append((f"{hf}.attention.self.relative_position_bias_table", f"{ours}.attn.relative_position_bias_table"))
+            pairs.append((f"{hf}.attention.self.relative_position_bias_table",
+                          f"{ours}.attn.relative_position_bias_table"))
             pairs += _wb(f"{hf}.attention.output.dense", f"{ours}.attn.proj")
             pairs += _wb(f"{hf}.intermediate.dense", f"{ours}.mlp.fc1") + _wb(f"{hf}.output.dense", f"{ours}.mlp.fc2")
             for kind in ("weight", "bias") if c["qkv_bias"] else ("weight",):
-                fused.append((f"{ours}.attn.qkv.{kind}", [f"{hf}.attention.self.{n}.{kind}" for n in ("query", "key", "value")]))
+                qkv = [f"{hf}.attention.self.{n}.{kind}" for n in ("query", "key", "value")]
+                fused.append((f"{ours}.attn.qkv.{kind}", qkv))
         if s < stages - 1:
             # transformers merges patches at the END of stage s; timm at the START of stage s + 1.
             pairs += _wb(f"encoder.layers.{s}.downsample.reduction", f"layers.{s + 1}.downsample.reduction", bias=False)

@@ -1,0 +1,33 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test test-slow bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch/torchvision first, so pip takes the builds this machine has (see README: Setup)
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "torch>=2.4" torchvision
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime pyproject.toml tests/fixtures/splice_toyconv/pyproject.toml
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e tests/fixtures/splice_toyconv
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(BIN)/splice demo --spec examples/vit-gpt2-tiny.yaml --out out/demo
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q
+
+test-slow: $(VENV)/.test
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
