@@ -197,6 +197,9 @@ def assign_weights(model, state: dict[str, Tensor], *, source: str, strict: bool
         init = fresh().state_dict()
         model.load_state_dict({k: init[k] for k in todo}, strict=False, assign=True)
         report.initialised = todo
+    from splice.core.composer import init_meta_buffers
+
+    init_meta_buffers(model)
     if dtype is not None:
         model.to(dtype)
     return report

@@ -44,6 +44,24 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
+def init_meta_buffers(model: nn.Module) -> None:
+    """Recompute buffers that were derived from meta parameters, once the parameters are real.
+
+    Uses timm's convention: a module whose non-persistent buffers depend on its parameters' device offers
+    ``init_non_persistent_buffers()`` (timm's Swin block calls it ``_init_buffers``).
+    """
+    for name, module in model.named_modules():
+        if any(b is not None and b.device.type == "meta" for b in module.buffers(recurse=False)):
+            init = getattr(module, "init_non_persistent_buffers", None) or getattr(module, "_init_buffers", None)
+            if init is None:
+                raise SpliceError(
+                    f"module {name!r} ({type(module).__name__}) has buffers on the meta device and no "
+                    "init_non_persistent_buffers() to recompute them\n"
+                    "    fix: in the plugin, compute such buffers in init_non_persistent_buffers()"
+                )
+            init()
+
+
 @dataclass
 class Part:
     """A resolved encoder or decoder."""
