@@ -15,9 +15,9 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.runtime pyproject.toml tests/fixtures/splice_toyconv/pyproject.toml
+$(VENV)/.test: $(VENV)/.runtime pyproject.toml tests/fixtures/splice_toyconv/pyproject.toml tests/fixtures/splice_tinyllama/pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e tests/fixtures/splice_toyconv
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e tests/fixtures/splice_toyconv -e tests/fixtures/splice_tinyllama
 	touch $@
 
 demo: $(VENV)/.runtime

@@ -1,5 +1,5 @@
-"""Shared fixtures. The third-party fixture plugin (tests/fixtures/splice_toyconv) is installed into the venv
-by the test setup (`make test`); if it is missing we install it here, so a bare `pytest` works too."""
+"""Shared fixtures. The third-party fixture plugins (tests/fixtures/splice_toyconv, splice_tinyllama) are installed into the venv
+by the test setup (`make test`); if it is missing we install them here, so a bare `pytest` works too."""
 
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def pytest_configure(config):
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    try:
-        importlib.metadata.distribution("splice-toyconv")
-    except importlib.metadata.PackageNotFoundError:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e",
-             str(FIXTURES / "splice_toyconv")],
-            check=True,
-        )
-        importlib.invalidate_caches()
+    for dist, folder in (("splice-toyconv", "splice_toyconv"), ("splice-tinyllama", "splice_tinyllama")):
+        try:
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e",
+                 str(FIXTURES / folder)],
+                check=True,
+            )
+            importlib.invalidate_caches()
 
 
 @pytest.fixture

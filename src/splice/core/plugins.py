@@ -23,6 +23,9 @@ ENTRY_POINT_GROUP = "splice"
 BUILTIN_PLUGINS = (
     "splice.plugins.timm_vision",
     "splice.plugins.gpt2",
+    "splice.plugins.bert",
+    "splice.plugins.roberta",
+    "splice.plugins.bart",
     "splice.adapters.cross_attention",
     "splice.adapters.projection",
 )

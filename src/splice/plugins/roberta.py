@@ -1,0 +1,118 @@
+"""RoBERTa as a native splice decoder (transformers' ``RobertaForCausalLM``).
+
+The blocks, the model and the checkpoint mapping are BERT's (``splice.plugins.bert``); RoBERTa differs in
+
+- positions, counted from the padding id as fairseq does: ``(cumsum(ids != pad) + past) * (ids != pad) + pad``,
+  so real tokens start at ``pad + 1`` and padding tokens sit at ``pad``. With a KV cache the count continues
+  from the cache length, padding included (transformers adds ``past_key_values_length``), so a cached prompt
+  without padding reads exactly the positions of one full forward;
+- its defaults (``roberta-base``: 514 positions, pad 1, one token type, eps 1e-5);
+- its head: ``lm_head.{dense, layer_norm, bias, decoder (tied)}``, whose activation is always the exact GELU.
+
+Module state-dict names are BERT's (see ``bert.py``); on disk the base model is under ``roberta.``
+(RobertaForCausalLM / RobertaForMaskedLM) or unprefixed (RobertaModel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from splice import hookimpl
+from splice.plugins.bert import BertConfig, BertDecoder, HFLayout
+
+__all__ = [
+    "RobertaConfig",
+    "RobertaDecoder",
+    "build_roberta",
+    "config_from_hf",
+    "state_dict_from_hf",
+    "state_dict_to_hf",
+    "HF",
+    "TINY",
+]
+
+TINY: dict[str, Any] = dict(
+    vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+    max_position_embeddings=66,  # 64 tokens after the pad + 1 offset
+)
+
+
+class RobertaConfig(BertConfig):
+    """RoBERTa's hyper-parameters: transformers' names, ``roberta-base`` defaults."""
+
+    vocab_size: int = Field(50265, gt=0)
+    max_position_embeddings: int = Field(514, gt=0, description="rows of the position table; pad + 1 are never "
+                                         "used by real tokens, so max_position_embeddings - pad - 1 tokens fit")
+    type_vocab_size: int = Field(1, gt=0, description="token types; a decoder always uses type 0")
+    layer_norm_eps: float = Field(1e-5, gt=0)
+    pad_token_id: int = Field(1, ge=0)
+
+    @model_validator(mode="after")
+    def _positions_fit(self) -> "RobertaConfig":
+        if self.max_position_embeddings <= self.pad_token_id + 1:
+            raise ValueError(
+                f"max_position_embeddings={self.max_position_embeddings} leaves no position for real tokens: they "
+                f"start at pad_token_id + 1 = {self.pad_token_id + 1}; expected max_position_embeddings > "
+                f"pad_token_id + 1; fix: raise max_position_embeddings (roberta-base: 514 with pad_token_id 1)"
+            )
+        return self
+
+
+class RobertaDecoder(BertDecoder):
+    """BERT's decoder with RoBERTa's padding-relative positions and fixed-GELU head."""
+
+    family = "RoBERTa"
+    head_activation = "gelu"
+
+    def __init__(self, **kwargs):
+        kwargs = {**RobertaConfig().model_dump(), **kwargs}  # RoBERTa's defaults, not BERT's
+        super().__init__(**kwargs)
+
+    @staticmethod
+    def _max_tokens(max_position_embeddings: int, pad_token_id: int) -> int:
+        return max_position_embeddings - pad_token_id - 1  # real tokens start at pad + 1
+
+    def positions(self, input_ids: Tensor, past: int) -> Tensor:
+        real = input_ids.ne(self.pad_token_id).long()  # (B, T)
+        return (torch.cumsum(real, dim=1) + past) * real + self.pad_token_id  # (B, T)
+
+
+def build_roberta(config: RobertaConfig) -> RobertaDecoder:
+    return RobertaDecoder(**config.model_dump())
+
+
+LAYOUT = HFLayout(
+    family="RoBERTa",
+    model_type="roberta",
+    prefix="roberta.",
+    head={
+        "lm_head.dense.weight": "head.dense.weight",
+        "lm_head.dense.bias": "head.dense.bias",
+        "lm_head.layer_norm.weight": "head.norm.weight",
+        "lm_head.layer_norm.bias": "head.norm.bias",
+    },
+    head_bias="lm_head.bias",
+    head_decoder="lm_head.decoder",
+    config_cls=RobertaConfig,
+    # transformers' RobertaConfig defaults (BERT's), used when a config.json leaves a key out
+    hf_defaults=dict(vocab_size=50265, max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
+                     pad_token_id=1),
+)
+
+config_from_hf = LAYOUT.config_from_hf
+state_dict_from_hf = LAYOUT.state_dict_from_hf
+state_dict_to_hf = LAYOUT.state_dict_to_hf
+HF = LAYOUT.interop()
+
+
+@hookimpl
+def register_decoders(register):
+    register(
+        "roberta", build_roberta, RobertaConfig, tiny=dict(TINY), hf=HF,
+        description="RoBERTa (Facebook) as a causal LM: BERT's post-norm blocks, padding-relative positions; "
+        "cross-attention through adapters",
+    )
