@@ -254,6 +254,21 @@ def test_state_dict_round_trip(pair):
         B.state_dict_to_hf({**ours.state_dict(), "extra.weight": torch.zeros(1)}, cfg)
 
 
+@torch.no_grad()
+def test_export_loads_in_transformers(pair):
+    # config_to_hf + state_dict_to_hf give a folder transformers' BartForCausalLM reads (default use_cache)
+    _, ours, _, _ = pair
+    values = B.BartConfig(**TINY, dropout=0.0).model_dump()
+    hf_cfg = B.config_to_hf(values)
+    assert hf_cfg["encoder_layers"] == TINY["decoder_layers"] and hf_cfg["model_type"] == "bart"
+    assert B.config_from_hf(hf_cfg) == values
+    hf = transformers.BartForCausalLM(transformers.BartConfig(**{k: v for k, v in hf_cfg.items() if k != "model_type"}))
+    hf.load_state_dict(B.state_dict_to_hf(ours.state_dict(), hf_cfg), strict=False)
+    hf.eval()
+    ids, ctx = _ids(), _ctx()
+    assert (hf(input_ids=ids, encoder_hidden_states=ctx).logits - ours(ids, context=ctx).logits).abs().max() <= ATOL
+
+
 def test_shape_mismatch_raises(pair):
     _, _, cfg, sd = pair
     bad = dict(sd)

@@ -135,12 +135,15 @@ class HFInterop:
     component's tensors with the outer prefix already removed (no ``encoder.`` / ``decoder.``) and returns
     ``(mapped, unused)``: ``mapped`` keyed by the module's own ``state_dict`` names, ``unused`` the input
     keys that have no place in the module (a pooler, legacy buffers) so loaders can report them by name.
+    ``config_to_hf(values)`` and ``state_dict_to_hf(state_dict, hf_config)`` go the other way (export, and the
+    registry-wide parity tests); ``config_to_hf`` returns a transformers config dict including ``model_type``.
     """
 
     model_types: tuple[str, ...]
     config_from_hf: Callable[[dict], dict]
     state_dict_from_hf: Callable[[dict[str, Tensor], dict], tuple[dict[str, Tensor], list[str]]]
     state_dict_to_hf: Callable[[dict[str, Tensor], dict], dict[str, Tensor]] | None = None
+    config_to_hf: Callable[[dict], dict] | None = None
 
 
 Builder = Callable[[Any], nn.Module]

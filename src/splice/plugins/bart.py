@@ -40,6 +40,7 @@ __all__ = [
     "config_from_hf",
     "state_dict_from_hf",
     "state_dict_to_hf",
+    "config_to_hf",
     "HF",
     "TINY",
     "POSITION_OFFSET",
@@ -450,6 +451,21 @@ def config_from_hf(hf: dict) -> dict:
         if key in hf and hf[key] is None:
             kwargs[key] = None  # an explicit "no such token" is meaningful
     return kwargs
+
+
+def config_to_hf(values: dict) -> dict:
+    """``BartConfig`` values -> a transformers BART config dict (``BartForCausalLM``, as a VED decoder).
+
+    The encoder_* fields mirror the decoder's: transformers 5 sizes BartForCausalLM's cache by
+    ``num_hidden_layers``, which BartConfig maps to ``encoder_layers``; fewer encoder layers would break it.
+    """
+    out = {"model_type": "bart", **values, "is_decoder": True, "add_cross_attention": True,
+           "is_encoder_decoder": False}
+    for enc, dec in (("encoder_layers", "decoder_layers"), ("encoder_attention_heads", "decoder_attention_heads"),
+                     ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if dec in values:
+            out[enc] = values[dec]
+    return out
 
 
 def _shapes(hf_config: dict, ours: set[str] | None = None) -> dict[str, tuple[int, ...]]:

@@ -393,6 +393,11 @@ def config_from_hf(hf: dict) -> dict:
     return kwargs
 
 
+def config_to_hf(values: dict) -> dict:
+    """``GPT2Config`` values -> a transformers GPT2 config dict (as a VisionEncoderDecoder decoder)."""
+    return {"model_type": "gpt2", **values, "add_cross_attention": True, "is_decoder": True}
+
+
 def _dims(hf_config: dict) -> tuple[int, int, int, int]:
     D = hf_config.get("n_embd", 768)
     return D, hf_config.get("n_inner") or 4 * D, hf_config.get("vocab_size", 50257), hf_config.get("n_positions", 1024)
@@ -516,6 +521,7 @@ HF = HFInterop(
     config_from_hf=config_from_hf,
     state_dict_from_hf=state_dict_from_hf,
     state_dict_to_hf=state_dict_to_hf,
+    config_to_hf=config_to_hf,
 )
 
 

@@ -493,6 +493,26 @@ def _swin_config_from_hf(hf: dict) -> dict:
                 layer_norm_eps=float(c["layer_norm_eps"]))
 
 
+def _vit_config_to_hf(v: dict, model_type: str = "vit") -> dict:
+    return dict(model_type=model_type, image_size=v["img_size"], patch_size=v["patch_size"], num_channels=v["in_chans"],
+                hidden_size=v["embed_dim"], num_hidden_layers=v["depth"], num_attention_heads=v["num_heads"],
+                intermediate_size=int(v["embed_dim"] * v["mlp_ratio"]), hidden_act="gelu",
+                layer_norm_eps=v["layer_norm_eps"], qkv_bias=v.get("qkv_bias", True))
+
+
+def _beit_config_to_hf(v: dict) -> dict:
+    return dict(_vit_config_to_hf(v, "beit"), layer_scale_init_value=v["init_values"] or 0.0,
+                use_absolute_position_embeddings=v["use_abs_pos_emb"], use_relative_position_bias=v["use_rel_pos_bias"],
+                use_shared_relative_position_bias=v["use_shared_rel_pos_bias"], use_mean_pooling=v["use_mean_pooling"])
+
+
+def _swin_config_to_hf(v: dict) -> dict:
+    return dict(model_type="swin", image_size=v["img_size"], patch_size=v["patch_size"], num_channels=v["in_chans"],
+                embed_dim=v["embed_dim"], depths=list(v["depths"]), num_heads=list(v["num_heads"]),
+                window_size=v["window_size"], mlp_ratio=v["mlp_ratio"], qkv_bias=v["qkv_bias"],
+                layer_norm_eps=v["layer_norm_eps"], hidden_act="gelu", use_absolute_embeddings=False)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # transformers interop: state dicts
 #
@@ -655,7 +675,10 @@ def _hf(model_types: tuple[str, ...], family: str) -> HFInterop:
         return _vit_tables({**(_HF_BEIT if family == "beit" else _HF_VIT), **hf}, family)
 
     config_from_hf = {"swin": _swin_config_from_hf, "beit": _beit_config_from_hf}.get(family, _vit_config_from_hf)
+    config_to_hf = {"swin": _swin_config_to_hf, "beit": _beit_config_to_hf,
+                    "deit_distilled": lambda v: _vit_config_to_hf(v, "deit")}.get(family, _vit_config_to_hf)
     return HFInterop(
+        config_to_hf=config_to_hf,
         model_types=model_types,
         config_from_hf=config_from_hf,
         state_dict_from_hf=lambda sd, hf: _from_hf(sd, *tables(hf)),
