@@ -67,6 +67,8 @@ def save_pretrained(model, path: str | os.PathLike, *, extra_files: dict[str, by
         if model.generation_defaults:
             config["generation"] = model.generation_defaults
         (tmp / SPLICE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if getattr(model, "tokenizer", None) is not None:
+            (tmp / "tokenizer.json").write_text(model.tokenizer.to_str())
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         for f in tmp.iterdir():
@@ -269,7 +271,33 @@ def _load_splice(folder: Path, *, dtype, strict: bool):
     model.loading_report = assign_weights(model, tensors, source=str(folder / WEIGHTS), strict=strict, dtype=dtype,
                                           fresh=lambda: assemble(plan))
     model.generation_defaults = dict(config.get("generation") or {})
+    model.tokenizer = load_tokenizer(folder)
     return model.eval()
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer: tokenizer.json, or the vocab files of GPT-2/RoBERTa (vocab.json + merges.txt) or
+    BERT (vocab.txt) layouts. None when there is none."""
+    from tokenizers import Tokenizer
+
+    try:
+        if (folder / "tokenizer.json").is_file():
+            return Tokenizer.from_file(str(folder / "tokenizer.json"))
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            from tokenizers.implementations import ByteLevelBPETokenizer
+
+            return ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))._tokenizer
+        if (folder / "vocab.txt").is_file():
+            from tokenizers.implementations import BertWordPieceTokenizer
+
+            lower = True
+            cfg = folder / "tokenizer_config.json"
+            if cfg.is_file():
+                lower = json.loads(cfg.read_text()).get("do_lower_case", True)
+            return BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=lower)._tokenizer
+    except Exception as exc:
+        raise CheckpointError(f"{folder}: the tokenizer files cannot be read ({type(exc).__name__}: {exc})") from None
+    return None
 
 
 def load_pretrained_parts(model, plan) -> None:

@@ -58,6 +58,7 @@ class EncoderDecoderModel(nn.Module):
         self.cross_attention_modules = list(cross_attention or [])
         self.loading_report = None
         self.generation_defaults: dict[str, Any] = {}
+        self.tokenizer = None  # a tokenizers.Tokenizer, saved beside the weights as tokenizer.json
 
     # -- pieces ---------------------------------------------------------------------------------------
     def encode(self, pixel_values: Tensor) -> EncoderOutput:

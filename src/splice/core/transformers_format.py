@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from splice.core.checkpoint import assign_weights, read_weights
+from splice.core.checkpoint import assign_weights, load_tokenizer, read_weights
 from splice.core.errors import CheckpointError, ConfigError
 from splice.core.plugins import get_registry
 
@@ -98,4 +98,5 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
         model, state, source=str(folder), strict=strict, dtype=dtype, unused=unused, fresh=lambda: assemble(plan)
     )
     model.generation_defaults = generation
+    model.tokenizer = load_tokenizer(folder)
     return model.eval()

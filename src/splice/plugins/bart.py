@@ -261,7 +261,8 @@ class BartDecoder(nn.Module):
         self.init_std = init_std
         self.tie_word_embeddings = tie_word_embeddings
         self.embed_scale = math.sqrt(d_model) if scale_embedding else 1.0
-        self.token_ids = dict(pad=pad_token_id, bos=bos_token_id, eos=eos_token_id, decoder_start=decoder_start_token_id)
+        self.token_ids = dict(pad=pad_token_id, bos=bos_token_id, eos=eos_token_id,
+                              decoder_start=decoder_start_token_id)
 
         self.embed_tokens = nn.Embedding(vocab_size, d_model, padding_idx=pad_token_id)
         self.embed_positions = nn.Embedding(max_position_embeddings + POSITION_OFFSET, d_model)
@@ -565,6 +566,7 @@ HF = HFInterop(
     config_from_hf=config_from_hf,
     state_dict_from_hf=state_dict_from_hf,
     state_dict_to_hf=state_dict_to_hf,
+    config_to_hf=config_to_hf,
 )
 
 

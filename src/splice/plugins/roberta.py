@@ -78,7 +78,7 @@ class RobertaDecoder(BertDecoder):
 
     def positions(self, input_ids: Tensor, past: int) -> Tensor:
         real = input_ids.ne(self.pad_token_id).long()  # (B, T)
-        return (torch.cumsum(real, dim=1) ) * real + self.pad_token_id  # (B, T)
+        return (torch.cumsum(real, dim=1) + past) * real + self.pad_token_id  # (B, T)
 
 
 def build_roberta(config: RobertaConfig) -> RobertaDecoder:
