@@ -304,6 +304,11 @@ def test_config_from_hf():
         B.config_from_hf({**TINY, "position_embedding_type": "relative_key", "hidden_act": "swish"})
     msg = str(e.value)
     assert "position_embedding_type" in msg and "'relative_key'" in msg and "hidden_act" in msg and "fix:" in msg
+    values = B.BertConfig(**TINY).model_dump()
+    hf = B.config_to_hf(values)
+    assert (hf["model_type"], hf["is_decoder"], hf["add_cross_attention"]) == ("bert", True, True)
+    assert B.config_from_hf(hf) == values
+    assert transformers.BertConfig(**{k: v for k, v in hf.items() if k != "model_type"}).hidden_size == 32
 
 
 def test_config_validation():

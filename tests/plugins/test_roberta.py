@@ -199,6 +199,8 @@ def test_config_from_hf_and_defaults():
         R.config_from_hf({**TINY, "pad_token_id": None, "position_embedding_type": "relative_key_query"})
     msg = str(e.value)
     assert "pad_token_id" in msg and "relative_key_query" in msg and "fix:" in msg
+    values = R.RobertaConfig(**TINY).model_dump()
+    assert R.config_from_hf(R.config_to_hf(values)) == values and R.config_to_hf(values)["model_type"] == "roberta"
     c = R.RobertaConfig()
     assert (c.vocab_size, c.max_position_embeddings, c.pad_token_id, c.type_vocab_size, c.layer_norm_eps) == \
         (50265, 514, 1, 1, 1e-5)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from splice.core.errors import CheckpointError, ConfigError, SpliceError
+from splice.core.processing import ImageProcessor
 
 SPLICE_CONFIG = "splice.json"
 WEIGHTS = "model.safetensors"
@@ -67,6 +68,9 @@ def save_pretrained(model, path: str | os.PathLike, *, extra_files: dict[str, by
         if model.generation_defaults:
             config["generation"] = model.generation_defaults
         (tmp / SPLICE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        from splice.core.processing import processor_for
+
+        processor_for(model).save(tmp)
         if getattr(model, "tokenizer", None) is not None:
             (tmp / "tokenizer.json").write_text(model.tokenizer.to_str())
         for name, data in (extra_files or {}).items():
@@ -272,6 +276,7 @@ def _load_splice(folder: Path, *, dtype, strict: bool):
                                           fresh=lambda: assemble(plan))
     model.generation_defaults = dict(config.get("generation") or {})
     model.tokenizer = load_tokenizer(folder)
+    model.image_processor = ImageProcessor.from_folder(folder)
     return model.eval()
 
 

@@ -59,6 +59,7 @@ class EncoderDecoderModel(nn.Module):
         self.loading_report = None
         self.generation_defaults: dict[str, Any] = {}
         self.tokenizer = None  # a tokenizers.Tokenizer, saved beside the weights as tokenizer.json
+        self.image_processor = None  # an ImageProcessor; None: derived from the encoder's preprocessing
 
     # -- pieces ---------------------------------------------------------------------------------------
     def encode(self, pixel_values: Tensor) -> EncoderOutput:

@@ -14,6 +14,7 @@ import torch
 from splice.core.checkpoint import assign_weights, load_tokenizer, read_weights
 from splice.core.errors import CheckpointError, ConfigError
 from splice.core.plugins import get_registry
+from splice.core.processing import ImageProcessor
 
 VED_MODEL_TYPE = "vision-encoder-decoder"
 
@@ -99,4 +100,5 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
     )
     model.generation_defaults = generation
     model.tokenizer = load_tokenizer(folder)
+    model.image_processor = ImageProcessor.from_folder(folder)
     return model.eval()

@@ -460,8 +460,10 @@ def config_to_hf(values: dict) -> dict:
     The encoder_* fields mirror the decoder's: transformers 5 sizes BartForCausalLM's cache by
     ``num_hidden_layers``, which BartConfig maps to ``encoder_layers``; fewer encoder layers would break it.
     """
+    # BartConfig defaults forced_eos_token_id to 2, which transformers' generate would apply at max_length; splice's
+    # BART config has no such setting, so the export must not claim one
     out = {"model_type": "bart", **values, "is_decoder": True, "add_cross_attention": True,
-           "is_encoder_decoder": False}
+           "is_encoder_decoder": False, "forced_eos_token_id": None}
     for enc, dec in (("encoder_layers", "decoder_layers"), ("encoder_attention_heads", "decoder_attention_heads"),
                      ("encoder_ffn_dim", "decoder_ffn_dim")):
         if dec in values:

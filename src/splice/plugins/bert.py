@@ -50,6 +50,7 @@ __all__ = [
     "HFLayout",
     "build_bert",
     "config_from_hf",
+    "config_to_hf",
     "state_dict_from_hf",
     "state_dict_to_hf",
     "HF",
@@ -476,7 +477,7 @@ class HFLayout:
             table[self.head_decoder + ".weight"] = ((V, D), "head.decoder.weight")
         return table
 
-    # -- the three HFInterop callables --
+    # -- the HFInterop callables --
 
     def config_from_hf(self, hf: dict) -> dict:
         """A transformers ``config.json`` (dict) -> ``Config`` keyword arguments; keys we don't model drop."""
@@ -504,6 +505,10 @@ class HFLayout:
             raise ConfigError(problems, source=f"transformers {self.family} config")
         kwargs = {k: hf[k] for k in self.config_cls.model_fields if hf.get(k) is not None}
         return {**{k: v for k, v in self.hf_defaults.items() if k not in hf}, **kwargs}
+
+    def config_to_hf(self, values: dict) -> dict:
+        """``Config`` values -> a transformers config dict for the causal LM (as a VisionEncoderDecoder decoder)."""
+        return {"model_type": self.model_type, **values, "is_decoder": True, "add_cross_attention": True}
 
     def state_dict_from_hf(self, sd: dict[str, Tensor], hf: dict) -> tuple[dict[str, Tensor], list[str]]:
         """transformers tensors (``decoder.`` removed; with or without ``prefix``) -> (ours, unused keys)."""
@@ -561,7 +566,8 @@ class HFLayout:
 
     def interop(self) -> HFInterop:
         return HFInterop(model_types=(self.model_type,), config_from_hf=self.config_from_hf,
-                         state_dict_from_hf=self.state_dict_from_hf, state_dict_to_hf=self.state_dict_to_hf)
+                         state_dict_from_hf=self.state_dict_from_hf, state_dict_to_hf=self.state_dict_to_hf,
+                         config_to_hf=self.config_to_hf)
 
 
 def _hf_name(key: str, prefix: str) -> str:
@@ -590,6 +596,7 @@ LAYOUT = HFLayout(
 )
 
 config_from_hf = LAYOUT.config_from_hf
+config_to_hf = LAYOUT.config_to_hf
 state_dict_from_hf = LAYOUT.state_dict_from_hf
 state_dict_to_hf = LAYOUT.state_dict_to_hf
 HF = LAYOUT.interop()

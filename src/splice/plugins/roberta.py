@@ -29,6 +29,7 @@ __all__ = [
     "RobertaDecoder",
     "build_roberta",
     "config_from_hf",
+    "config_to_hf",
     "state_dict_from_hf",
     "state_dict_to_hf",
     "HF",
@@ -104,6 +105,7 @@ LAYOUT = HFLayout(
 )
 
 config_from_hf = LAYOUT.config_from_hf
+config_to_hf = LAYOUT.config_to_hf
 state_dict_from_hf = LAYOUT.state_dict_from_hf
 state_dict_to_hf = LAYOUT.state_dict_to_hf
 HF = LAYOUT.interop()
