@@ -114,6 +114,12 @@ def _cmd_build(args) -> int:
     return 0
 
 
+def _cmd_caption(args) -> int:
+    from splice.caption import run_cli
+
+    return run_cli(args.model, args.images, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, as_json=args.json)
+
+
 def _cmd_schema(args) -> int:
     import splice
 
@@ -150,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(fn=_cmd_build)
+
+    p = sub.add_parser("caption", help="caption images with a saved model (a folder, hub id or transformers folder)")
+    p.add_argument("model")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_caption)
 
     p = sub.add_parser("schema", help="JSON Schema of the composition spec")
     p.set_defaults(fn=_cmd_schema)

@@ -142,7 +142,8 @@ def test_untied_head(tmp_path):
     ids = _ids()
     assert _diff(ours(ids).logits, hf(input_ids=ids).logits) <= ATOL
     back = B.state_dict_to_hf(ours.state_dict(), cfg)
-    assert set(back) == set(sd) and torch.equal(back["cls.predictions.decoder.bias"], sd["cls.predictions.decoder.bias"])
+    assert set(back) == set(sd)
+    assert torch.equal(back["cls.predictions.decoder.bias"], sd["cls.predictions.decoder.bias"])
 
 
 # ---- KV cache --------------------------------------------------------------------------------------------
@@ -198,8 +199,8 @@ def test_pretraining_layout_leaves_only_cross_attention_missing(tmp_path):
     sd["bert.embeddings.position_ids"] = torch.arange(TINY["max_position_embeddings"])[None]  # old files carry it
     dec = _build(cfg, cross_layers=range(TINY["num_hidden_layers"]))
     mapped, unused = B.state_dict_from_hf(sd, cfg)
-    assert sorted(unused) == sorted(["bert.pooler.dense.weight", "bert.pooler.dense.bias", "cls.seq_relationship.weight",
-                                     "cls.seq_relationship.bias", "bert.embeddings.position_ids"])
+    assert sorted(unused) == sorted(["bert.pooler.dense.weight", "bert.pooler.dense.bias", "bert.embeddings.position_ids",
+                                     "cls.seq_relationship.weight", "cls.seq_relationship.bias"])
     res = dec.load_state_dict(mapped, strict=False)
     assert res.unexpected_keys == [] and set(res.missing_keys) == _cross_keys(dec)
     assert {k.split(".")[3] for k in res.missing_keys} == CROSS_PARTS
@@ -222,7 +223,8 @@ def test_bertmodel_layout_and_legacy_names(tmp_path):
     res = dec.load_state_dict(mapped, strict=False)
     assert res.unexpected_keys == [] and set(res.missing_keys) == {k for k in dec.state_dict() if k.startswith("head.")}
     ids, ctx = _ids(), _ctx()
-    assert _diff(dec(ids, context=ctx).hidden_states, hf(input_ids=ids, encoder_hidden_states=ctx).last_hidden_state) <= ATOL
+    ref = hf(input_ids=ids, encoder_hidden_states=ctx).last_hidden_state
+    assert _diff(dec(ids, context=ctx).hidden_states, ref) <= ATOL
 
 
 def test_tied_duplicates_consumed(plain_pair):

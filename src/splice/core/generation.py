@@ -1,9 +1,34 @@
-"""Decoding: the key/value cache and the search loops."""
+"""Decoding: the key/value cache and the search loops (greedy, sampling, beam search, beam sampling).
+
+The loops reproduce transformers 5's ``generate`` for encoder-decoder models token for token: the same logits
+processors in the same order (repetition penalty, no-repeat n-grams, minimum length; then, when sampling,
+temperature, top-k, top-p), greedy/sampling on the processed logits, beam search on processed log-probabilities
+with transformers' vectorised beam bookkeeping (``2 * num_beams`` candidates, finished-hypothesis pool, length
+penalty, ``early_stopping`` heuristics). What differs is the plumbing:
+
+* the encoder runs once per image and the decoder prompt is read once per image; the cache (self-attention K/V
+  and the cross-attention K/V the decoder projects on that first call) is then repeated for the beams or the
+  returned sequences, instead of running the prompt and projecting the context once per beam;
+* the self-attention cache is preallocated and reordered in place between two buffers;
+* the output is one preallocated buffer, written one column per step (no ``torch.cat``);
+* the processors work in place, without vocabulary-sized masks where a scatter does the job.
+"""
 
 from __future__ import annotations
 
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from splice.core.errors import InputError, Problem
+
+__all__ = ["KVCache", "GenerationSettings", "generate", "resolve_settings"]
+
+_NEG = -1.0e9  # transformers' "impossible" beam score
 
 
 class KVCache:
@@ -20,6 +45,9 @@ class KVCache:
         self.k: list[Tensor | None] = [None] * num_layers
         self.v: list[Tensor | None] = [None] * num_layers
         self.cross: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
+        # second buffers for ``reorder``: rows are gathered from one buffer into the other, then the two swap
+        self._spare_k: list[Tensor | None] = [None] * num_layers
+        self._spare_v: list[Tensor | None] = [None] * num_layers
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``k, v`` (B, nh, T, hs) after the past; return all keys/values so far (B, nh, past+T, hs)."""
@@ -37,71 +65,524 @@ class KVCache:
     def advance(self, T: int) -> None:
         self.length += T
 
+    @property
+    def batch_size(self) -> int | None:
+        t = next((t for t in self.k if t is not None), None)
+        return None if t is None else t.shape[0]
+
     def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search): row ``i`` becomes old row ``index[i]``."""
+        """Select batch rows (beam search): row ``i`` becomes old row ``index[i]``.
+
+        Only the stored positions are copied, into a second buffer that then becomes the live one.
+        """
+        L = self.length
+        for store, spare in ((self.k, self._spare_k), (self.v, self._spare_v)):
+            for i, t in enumerate(store):
+                if t is None:
+                    continue
+                if spare[i] is None or spare[i].shape[0] != index.shape[0]:
+                    spare[i] = t.new_empty(index.shape[0], *t.shape[1:])
+                torch.index_select(t[:, :, :L], 0, index, out=spare[i][:, :, :L])
+                store[i], spare[i] = spare[i], t
+
+    def repeat_interleave(self, n: int) -> None:
+        """Repeat every batch row ``n`` times (row ``b`` becomes rows ``b*n .. b*n+n-1``): self and cross K/V.
+
+        Used once, after the prompt ran for one row per image, to give each beam (or returned sample) its copy.
+        """
+        if n == 1:
+            return
+        L = self.length
         for store in (self.k, self.v):
             for i, t in enumerate(store):
-                if t is not None:
-                    store[i] = t.index_select(0, index)
+                if t is None:
+                    continue
+                grown = t.new_empty(t.shape[0] * n, *t.shape[1:])  # (B*n, nh, max_len, hs)
+                grown[:, :, :L] = t[:, :, :L].repeat_interleave(n, dim=0)
+                store[i] = grown
+        self._spare_k = [None] * len(self.k)
+        self._spare_v = [None] * len(self.v)
+        self.cross = [
+            None if kv is None else tuple(t.repeat_interleave(n, dim=0) for t in kv)  # each (B*n, nh, N, hs)
+            for kv in self.cross
+        ]
 
 
+# ---- settings ----------------------------------------------------------------------------------------------
+
+# transformers' own defaults (GenerationConfig._get_default_generation_params), for what nothing else sets
+_HF_DEFAULTS: dict[str, Any] = dict(
+    min_length=0, do_sample=False, early_stopping=False, num_beams=1, temperature=1.0, top_k=50, top_p=1.0,
+    repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0, num_return_sequences=1,
+)
+_DEFAULT_NEW_TOKENS = 20  # transformers: with no max_length anywhere, 20 new tokens
+
+_OPTIONS = (
+    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_beams", "num_return_sequences",
+    "do_sample", "temperature", "top_k", "top_p", "length_penalty", "early_stopping", "no_repeat_ngram_size",
+    "repetition_penalty", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+)
+_OTHER_ARGS = ("pixel_values", "decoder_input_ids", "decoder_attention_mask", "encoder_outputs", "generator", "seed")
+
+
+@dataclass
+class GenerationSettings:
+    """Every knob of one generate call, resolved (explicit > generation defaults > tokens > transformers)."""
+
+    max_length: int  # prompt + new tokens
+    min_length: int  # prompt + new tokens below which eos is forbidden
+    num_beams: int
+    num_return_sequences: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    length_penalty: float
+    early_stopping: bool | str
+    no_repeat_ngram_size: int
+    repetition_penalty: float
+    eos: list[int]  # empty: no end-of-sequence token, every sequence runs to max_length
+    pad: int | None
+    prompt_len: int
+
+
+def _bad(name: str, given: Any, expected: str, fix: str) -> InputError:
+    return InputError([Problem(f"generate({name}=...)", "invalid generation argument", given=given,
+                               expected=expected, fix=fix)])
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _pick(name: str, kwargs: dict, defaults: dict) -> Any:
+    value = kwargs.get(name)
+    if value is None:
+        value = defaults.get(name)
+    if value is None:
+        value = _HF_DEFAULTS.get(name)
+    return value
+
+
+def resolve_settings(model, kwargs: dict[str, Any], prompt_len: int) -> GenerationSettings:
+    """Merge explicit arguments, ``model.generation_defaults``, ``model.tokens`` and transformers' defaults, and
+    check every value (``InputError`` with what was given, what is expected, and the fix)."""
+    defaults = getattr(model, "generation_defaults", None) or {}
+    tokens = getattr(model, "tokens", None) or {}
+
+    # lengths: explicit max_new_tokens > explicit max_length > the same two from the defaults > 20 new tokens
+    max_new = max_len = None
+    for source in (kwargs, defaults):
+        if source.get("max_new_tokens") is not None:
+            max_new = source["max_new_tokens"]
+            break
+        if source.get("max_length") is not None:
+            max_len = source["max_length"]
+            break
+    if max_new is not None:
+        if not _is_int(max_new) or max_new <= 0:
+            raise _bad("max_new_tokens", max_new, "an integer >= 1", "ask for at least one new token")
+        max_len = prompt_len + max_new
+    elif max_len is not None:
+        if not _is_int(max_len) or max_len <= prompt_len:
+            raise _bad("max_length", max_len, f"an integer > the decoder prompt length ({prompt_len})",
+                       "max_length counts the prompt too; raise it, or pass max_new_tokens instead")
+    else:
+        max_len = prompt_len + _DEFAULT_NEW_TOKENS
+
+    min_new = _pick("min_new_tokens", kwargs, defaults)
+    if min_new is not None:  # like transformers, min_new_tokens takes precedence over min_length
+        if not _is_int(min_new) or min_new < 0:
+            raise _bad("min_new_tokens", min_new, "an integer >= 0", "pass the number of new tokens before eos")
+        min_len = prompt_len + min_new
+    else:
+        min_len = _pick("min_length", kwargs, defaults)
+        if not _is_int(min_len) or min_len < 0:
+            raise _bad("min_length", min_len, "an integer >= 0", "pass the shortest total length (prompt included)")
+
+    num_beams = _pick("num_beams", kwargs, defaults)
+    if not _is_int(num_beams) or num_beams < 1:
+        raise _bad("num_beams", num_beams, "an integer >= 1", "use 1 for greedy/sampling, 2 or more for beam search")
+    do_sample = _pick("do_sample", kwargs, defaults)
+    if not isinstance(do_sample, bool):
+        raise _bad("do_sample", do_sample, "True or False", "do_sample=True samples; False decodes greedily")
+    num_return = _pick("num_return_sequences", kwargs, defaults)
+    if not _is_int(num_return) or num_return < 1:
+        raise _bad("num_return_sequences", num_return, "an integer >= 1", "ask for one or more sequences per image")
+    if num_beams == 1 and not do_sample and num_return > 1:
+        raise _bad("num_return_sequences", num_return, "1 with greedy decoding (every copy would be the same)",
+                   "use num_beams >= num_return_sequences (beam search) or do_sample=True")
+    if num_beams > 1 and num_return > num_beams:
+        raise _bad("num_return_sequences", num_return, f"at most num_beams ({num_beams})",
+                   f"raise num_beams to {num_return} or ask for fewer sequences")
+
+    temperature = _pick("temperature", kwargs, defaults)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or (do_sample and temperature <= 0):
+        raise _bad("temperature", temperature, "a number > 0",
+                   "use a positive temperature; for greedy decoding pass do_sample=False instead of temperature=0")
+    top_k = _pick("top_k", kwargs, defaults)
+    if not _is_int(top_k) or top_k < 0:
+        raise _bad("top_k", top_k, "an integer >= 0 (0 switches top-k off)", "pass e.g. top_k=50, or top_k=0")
+    top_p = _pick("top_p", kwargs, defaults)
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+        raise _bad("top_p", top_p, "a number in (0, 1]", "pass e.g. top_p=0.9, or top_p=1.0 to switch it off")
+    length_penalty = _pick("length_penalty", kwargs, defaults)
+    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool):
+        raise _bad("length_penalty", length_penalty, "a number (> 0 favours long beams, < 0 short ones)",
+                   "pass e.g. length_penalty=1.0")
+    early_stopping = _pick("early_stopping", kwargs, defaults)
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise _bad("early_stopping", early_stopping, "True, False or 'never'",
+                   "True stops when num_beams hypotheses are done; False/'never' keep searching while it may help")
+    ngram = _pick("no_repeat_ngram_size", kwargs, defaults)
+    if not _is_int(ngram) or ngram < 0:
+        raise _bad("no_repeat_ngram_size", ngram, "an integer >= 0 (0 switches it off)", "pass e.g. 3")
+    rep = _pick("repetition_penalty", kwargs, defaults)
+    if not isinstance(rep, (int, float)) or isinstance(rep, bool) or rep <= 0:
+        raise _bad("repetition_penalty", rep, "a number > 0 (1.0 switches it off; > 1 discourages repeats)",
+                   "pass e.g. repetition_penalty=1.2")
+
+    if kwargs.get("eos_token_id") is not None:  # an explicit [] means "no eos"
+        eos = kwargs["eos_token_id"]
+    elif defaults.get("eos_token_id") is not None:
+        eos = defaults["eos_token_id"]
+    else:
+        eos = tokens.get("eos")
+    eos_list = [] if eos is None else [eos] if _is_int(eos) else list(eos) if isinstance(eos, (list, tuple)) else None
+    if eos_list is None or not all(_is_int(e) and e >= 0 for e in eos_list):
+        raise _bad("eos_token_id", eos, "a token id >= 0, a list of them, or [] for none",
+                   "pass the id(s) of the end-of-sequence token(s)")
+    pad = kwargs.get("pad_token_id")
+    if pad is None:
+        pad = defaults.get("pad_token_id")
+    if pad is None:
+        pad = tokens.get("pad")
+    if pad is None and eos_list:
+        pad = eos_list[0]  # as transformers: finished rows are filled with the first eos
+    if pad is not None and (not _is_int(pad) or pad < 0):
+        raise _bad("pad_token_id", pad, "a token id >= 0", "pass the id that fills finished sequences")
+
+    return GenerationSettings(
+        max_length=max_len, min_length=min_len, num_beams=num_beams, num_return_sequences=num_return,
+        do_sample=do_sample, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
+        length_penalty=float(length_penalty), early_stopping=early_stopping, no_repeat_ngram_size=ngram,
+        repetition_penalty=float(rep), eos=eos_list, pad=pad, prompt_len=prompt_len,
+    )
+
+
+# ---- logits processors -------------------------------------------------------------------------------------
+
+
+class _Processors:
+    """transformers' processors for these settings, in its order, applied in place to (N, V) float32 scores.
+
+    ``seqs[:, :cur]`` are the tokens so far (prompt included), one row per score row.
+    """
+
+    def __init__(self, s: GenerationSettings, device, prompt_pad: Tensor | None):
+        self.s = s
+        self.eos = torch.tensor(s.eos, dtype=torch.long, device=device) if s.eos else None
+        # repetition penalty ignores left padding of the prompt: transformers maps those positions to a spare
+        # column; reusing a real token of the row instead (penalised anyway) gives the same scores
+        self.prompt_pad = prompt_pad  # (N,) count of leading padding per row, or None
+        self.min_keep = (len(s.eos) + 1 if s.eos else 2) if s.num_beams > 1 else 1
+
+    def __call__(self, scores: Tensor, seqs: Tensor, cur: int) -> Tensor:
+        s = self.s
+        if s.repetition_penalty != 1.0:
+            ids = seqs[:, :cur]  # (N, cur)
+            if self.prompt_pad is not None:
+                first = ids.gather(1, self.prompt_pad[:, None])  # (N, 1) the first real token
+                positions = torch.arange(cur, device=ids.device)
+                ids = torch.where(positions[None, :] < self.prompt_pad[:, None], first, ids)
+            seen = scores.gather(1, ids)  # (N, cur)
+            seen = torch.where(seen < 0, seen * s.repetition_penalty, seen / s.repetition_penalty)
+            scores.scatter_(1, ids, seen)  # repeated ids write the same value
+        n = s.no_repeat_ngram_size
+        if n > 0 and cur >= n:
+            ids = seqs[:, :cur]
+            windows = ids.unfold(1, n, 1)  # (N, cur-n+1, n)
+            prefix = ids[:, cur + 1 - n :]  # (N, n-1) the n-gram an appended token would complete
+            hit = (windows[..., :-1] == prefix[:, None, :]).all(-1)  # (N, W)
+            inf = torch.tensor(float("inf"), device=scores.device, dtype=scores.dtype)
+            # a min-scatter: banned tokens get -inf, the others min(score, +inf) = score (no (N, V) mask)
+            scores.scatter_reduce_(1, windows[..., -1], torch.where(hit, -inf, inf), reduce="amin")
+        if self.eos is not None and cur < s.min_length:
+            scores.index_fill_(1, self.eos, float("-inf"))
+        if s.do_sample:
+            if s.temperature != 1.0:
+                scores.div_(s.temperature)
+            if s.top_k != 0:
+                k = min(max(s.top_k, self.min_keep), scores.shape[-1])
+                kth = torch.topk(scores, k).values[:, -1:]  # (N, 1)
+                scores.masked_fill_(scores < kth, float("-inf"))
+            if s.top_p < 1.0:
+                ordered, order = torch.sort(scores, descending=False)  # (N, V)
+                drop = ordered.softmax(-1).cumsum(-1) <= (1 - s.top_p)
+                drop[:, -self.min_keep :] = False
+                scores.masked_fill_(drop.scatter(1, order, drop), float("-inf"))
+        return scores
+
+
+# ---- generate ----------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
 def generate(
     model,
     pixel_values: Tensor | None = None,
     *,
     max_new_tokens: int | None = None,
     max_length: int | None = None,
-    decoder_input_ids: Tensor | None = None,
+    min_new_tokens: int | None = None,
+    min_length: int | None = None,
+    num_beams: int | None = None,
+    num_return_sequences: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    length_penalty: float | None = None,
+    early_stopping: bool | str | None = None,
+    no_repeat_ngram_size: int | None = None,
+    repetition_penalty: float | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
-    encoder_outputs=None,
-    num_beams: int = 1,
+    decoder_start_token_id: int | None = None,
+    decoder_input_ids: Tensor | None = None,
+    decoder_attention_mask: Tensor | None = None,
+    encoder_outputs: Any = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    **unknown: Any,
 ) -> Tensor:
-    """Greedy decoding with a preallocated KV cache; cross-attention keys/values computed once.
+    """Caption token ids, as transformers' ``generate`` returns them: (B * num_return_sequences, prompt + new).
 
-    Returns (B, prompt + new) token ids; the prompt defaults to ``decoder_start``. Sequences that end early are
-    padded with ``pad_token_id`` (as transformers does).
+    Greedy by default; ``num_beams > 1`` beam search; ``do_sample=True`` sampling (with beams: beam sampling).
+    An argument left ``None`` comes from ``model.generation_defaults`` (generation.json, or a transformers
+    folder's generation_config.json), then ``model.tokens``, then transformers' defaults (20 new tokens, top_k 50
+    when sampling, ...). The prompt defaults to ``decoder_start``; a ``decoder_input_ids`` prompt that does not
+    start with it gets it prepended, as in transformers; ``decoder_attention_mask`` marks left padding.
+    Sequences that end early are padded with ``pad_token_id``. Sampling draws from ``generator`` (or a fresh
+    one seeded with ``seed``), else from torch's global generator.
     """
-    from splice.core.errors import InputError
     from splice.core.models import _last_hidden
 
-    if num_beams != 1:
-        raise InputError(f"num_beams={num_beams}: beam search is not implemented yet; use num_beams=1 (greedy)")
-    defaults = getattr(model, "generation_defaults", {}) or {}
-    tokens = model.tokens
+    if unknown:
+        known = _OPTIONS + _OTHER_ARGS
+        problems = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+            problems.append(Problem(
+                f"generate({name}=...)", "unknown generation argument", expected="one of " + ", ".join(known),
+                fix=f"did you mean {' or '.join(close)}?" if close else "remove it",
+            ))
+        raise InputError(problems)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length,
+        num_beams=num_beams, num_return_sequences=num_return_sequences, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, length_penalty=length_penalty, early_stopping=early_stopping,
+        no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    defaults = getattr(model, "generation_defaults", None) or {}
+
+    # -- the image context: the encoder runs once per image
     if encoder_outputs is None:
         if pixel_values is None:
-            raise InputError("generate needs pixel_values (B, C, H, W) or encoder_outputs")
+            raise InputError("generate needs pixel_values (B, C, H, W) or encoder_outputs\n"
+                             "    fix: pass the preprocessed images, or the output of model.encode(images)")
         encoder_outputs = model.encode(pixel_values)
     context = model.context(_last_hidden(encoder_outputs))  # (B, N, D_ctx)
-    B = context.shape[0]
-    if decoder_input_ids is None:
-        start = tokens.get("decoder_start")
-        if start is None:
-            raise InputError("tokens.decoder_start is not set\n    fix: add it to the spec, or pass decoder_input_ids")
-        decoder_input_ids = torch.full((B, 1), start, dtype=torch.long, device=context.device)
-    prompt_len = decoder_input_ids.shape[1]
-    if max_new_tokens is None:
-        total = max_length or defaults.get("max_length") or 20
-        max_new_tokens = max(total - prompt_len, 0)
-    eos = eos_token_id if eos_token_id is not None else defaults.get("eos_token_id", tokens.get("eos"))
-    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=context.device)
-    pad = pad_token_id if pad_token_id is not None else tokens.get("pad")
-    if pad is None:
-        pad = int(eos_ids[0]) if len(eos_ids) else 0
+    B, device = context.shape[0], context.device
 
+    # -- the decoder prompt
+    start = decoder_start_token_id
+    for value in (defaults.get("decoder_start_token_id"), model.tokens.get("decoder_start"), defaults.get("bos_token_id")):
+        start = value if start is None else start
+    if start is None:
+        raise InputError("tokens.decoder_start is not set, so generation has no first token\n"
+                         "    fix: add `tokens: {decoder_start: <id>}` to the spec, or pass decoder_start_token_id")
+    prompt, prompt_mask = _prompt(decoder_input_ids, decoder_attention_mask, start, B, device)
+    P = prompt.shape[1]
+    s = resolve_settings(model, kwargs, P)
+    if generator is not None and seed is not None:
+        raise _bad("seed", seed, "either generator or seed, not both", "drop one of them")
+    if seed is not None:
+        if not _is_int(seed):
+            raise _bad("seed", seed, "an integer", "pass e.g. seed=0")
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    # -- the prompt runs once per image; its cache is then repeated for the beams / returned samples
+    expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
     decoder = model.decoder
-    cache = KVCache(len(decoder.layer_specs()), prompt_len + max_new_tokens)
-    out = [decoder_input_ids]
-    finished = torch.zeros(B, dtype=torch.bool, device=context.device)
-    logits = decoder(decoder_input_ids, context=context, cache=cache).logits[:, -1]  # (B, V)
-    for step in range(max_new_tokens):
-        nxt = logits.argmax(-1)  # (B,)
-        if len(eos_ids):
-            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-            finished |= torch.isin(nxt, eos_ids)
-        out.append(nxt[:, None])
-        if step == max_new_tokens - 1 or (len(eos_ids) and bool(finished.all())):
+    cache = KVCache(len(decoder.layer_specs()), s.max_length)
+    out = decoder(prompt, context=context, attention_mask=prompt_mask, cache=cache)
+    logits = out.logits[:, -1]  # (B, V)
+    del out
+    if expand > 1:
+        cache.repeat_interleave(expand)
+        context = context.repeat_interleave(expand, dim=0)  # (B*e, N, D) for decoders that re-read it
+        logits = logits.repeat_interleave(expand, dim=0)  # (B*e, V)
+        prompt = prompt.repeat_interleave(expand, dim=0)
+        if prompt_mask is not None:
+            prompt_mask = prompt_mask.repeat_interleave(expand, dim=0)
+    mask = None
+    if prompt_mask is not None:  # (N, max_length) ones after the prompt; each step passes a view of it
+        mask = prompt_mask.new_ones(prompt.shape[0], s.max_length)
+        mask[:, :P] = prompt_mask
+    prompt_pad = None if prompt_mask is None else (prompt_mask != 0).int().argmax(dim=1)  # (N,)
+    processors = _Processors(s, device, prompt_pad)
+
+    def step(tokens: Tensor, cur: int, reorder: Tensor | None = None) -> Tensor:
+        """The next logits (N, V) after appending ``tokens`` (N, 1); ``reorder`` first picks the cache rows."""
+        if reorder is not None:
+            cache.reorder(reorder)
+        am = None if mask is None else mask[:, :cur]
+        return decoder(tokens, context=context, attention_mask=am, cache=cache).logits[:, -1]
+
+    if s.num_beams > 1:
+        return _beam_search(s, prompt, logits, step, processors, generator, B)
+    return _greedy_or_sample(s, prompt, logits, step, processors, generator)
+
+
+def _prompt(ids: Tensor | None, mask: Tensor | None, start: int, B: int, device) -> tuple[Tensor, Tensor | None]:
+    """(B, P) decoder prompt and its (B, P) mask, or None when no position is padding."""
+    if ids is None:
+        if mask is not None:
+            raise _bad("decoder_attention_mask", tuple(mask.shape), "no mask without decoder_input_ids",
+                       "pass the decoder_input_ids it belongs to, or drop it")
+        return torch.full((B, 1), start, dtype=torch.long, device=device), None
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.shape[0] != B:
+        raise _bad("decoder_input_ids", tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__,
+                   f"integer token ids of shape ({B}, P), one row per image", "pass a LongTensor (B, P)")
+    ids = ids.to(device=device, dtype=torch.long)
+    if mask is not None:
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape):
+            raise _bad("decoder_attention_mask", tuple(mask.shape) if isinstance(mask, Tensor) else mask,
+                       f"a 0/1 tensor shaped like decoder_input_ids {tuple(ids.shape)}",
+                       "1 marks real tokens, 0 left padding")
+        mask = mask.to(device=device, dtype=torch.long)
+    if ids.shape[1] == 0 or bool((ids[:, 0] != start).all()):
+        # transformers: a prompt that does not start with decoder_start gets it prepended
+        ids = torch.cat([ids.new_full((B, 1), start), ids], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(B, 1), mask], dim=1)
+    if mask is not None and bool((mask != 0).all()):
+        mask = None  # nothing is padding: the decoder's plain causal path gives the same result, faster
+    return ids, mask
+
+
+def _greedy_or_sample(s: GenerationSettings, prompt: Tensor, logits: Tensor, step, processors: _Processors,
+                      generator: torch.Generator | None) -> Tensor:
+    N, P = prompt.shape
+    seqs = prompt.new_full((N, s.max_length), s.pad if s.pad is not None else 0)  # the output buffer
+    seqs[:, :P] = prompt
+    eos = processors.eos
+    unfinished = torch.ones(N, dtype=torch.bool, device=prompt.device)
+    pad = torch.tensor(s.pad if s.pad is not None else 0, device=prompt.device)
+    cur = P
+    while True:
+        scores = processors(logits.float(), seqs, cur)  # float32 as transformers (a no-op for fp32 models)
+        if s.do_sample:
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)  # (N,)
+        else:
+            nxt = scores.argmax(-1)  # (N,)
+        if eos is not None:
+            nxt = torch.where(unfinished, nxt, pad)
+            unfinished &= ~torch.isin(nxt, eos)
+        seqs[:, cur] = nxt
+        cur += 1
+        if cur >= s.max_length or (eos is not None and not bool(unfinished.any())):
+            return seqs[:, :cur]
+        logits = step(seqs[:, cur - 1 : cur], cur)
+
+
+def _beam_search(s: GenerationSettings, prompt: Tensor, logits: Tensor, step, processors: _Processors,
+                 generator: torch.Generator | None, B: int) -> Tensor:
+    """transformers' vectorised beam search: the best ``keep`` continuations of all beams, the best
+    ``num_beams`` unfinished ones run on, finished ones enter a per-image pool of ``num_beams`` hypotheses."""
+    K, L, P = s.num_beams, s.max_length, s.prompt_len
+    N, V = logits.shape
+    device = prompt.device
+    eos = processors.eos
+    keep = max(2, 1 + len(s.eos)) * K  # enough candidates that K survive even if the best all end here
+    top_k_mask = torch.arange(keep, device=device) < K  # only the first K candidates may become hypotheses
+    # transformers fills unused positions with `pad or eos[0]` (so a pad of 0 reads as eos[0]), -1 without eos
+    fill = (s.pad or s.eos[0]) if s.eos else -1
+    running = prompt.new_full((B, K, L), fill)  # (B, K, L)
+    running[:, :, :P] = prompt.view(B, K, P)
+    hyps = running.clone()  # finished hypotheses, best first
+    running_scores = torch.zeros(B, K, device=device)
+    running_scores[:, 1:] = _NEG  # all beams start identical: only the first may expand at step one
+    hyp_scores = torch.full((B, K), _NEG, device=device)
+    hyp_done = torch.zeros(B, K, dtype=torch.bool, device=device)
+    can_improve = torch.ones(B, 1, dtype=torch.bool, device=device)
+    running_src = torch.full((B, K, L - P), -1, dtype=torch.int32, device=device)  # flat beam row per new token
+    hyp_src = running_src.clone()
+    offset = (torch.arange(B, device=device) * K)[:, None]  # (B, 1)
+    cur = P
+    while True:
+        logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+        logp = processors(logp, running.view(N, L), cur)
+        logp = (logp.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
+        if s.do_sample:
+            idx = torch.multinomial(logp.softmax(-1), keep, generator=generator)  # (B, keep), no replacement
+            top = logp.gather(1, idx)
+        else:
+            top, idx = torch.topk(logp, keep)  # (B, keep)
+        beam = idx // V  # (B, keep) which beam each candidate extends
+        token = idx % V
+        cand = running.gather(1, beam[:, :, None].expand(B, keep, L))  # (B, keep, L)
+        cand[:, :, cur] = token
+        cand_src = running_src.gather(1, beam[:, :, None].expand(B, keep, L - P))
+        cand_src[:, :, cur - P] = (beam + offset).to(torch.int32)
+        if cur + 1 >= L:
+            ends = torch.ones(B, keep, dtype=torch.bool, device=device)
+        elif eos is not None:
+            ends = torch.isin(token, eos)
+        else:
+            ends = torch.zeros(B, keep, dtype=torch.bool, device=device)
+
+        # the K best candidates that did not end run on
+        alive = top + ends.to(torch.float32) * _NEG
+        pick = torch.topk(alive, K)[1]  # (B, K)
+        running = cand.gather(1, pick[:, :, None].expand(B, K, L))
+        running_scores = alive.gather(1, pick)
+        running_src = cand_src.gather(1, pick[:, :, None].expand(B, K, L - P))
+
+        # candidates among the first K that ended compete for the hypothesis pool, length-penalised
+        ended = ends & top_k_mask
+        score = top / ((cur + 1 - P) ** s.length_penalty)
+        if s.early_stopping is True:
+            score += hyp_done.all(-1, keepdim=True).to(torch.float32) * _NEG
+        score += (~can_improve).to(torch.float32) * _NEG
+        score += (~ended) * _NEG
+        pool_scores = torch.cat((hyp_scores, score), dim=1)  # (B, K + keep)
+        pick = torch.topk(pool_scores, K)[1]
+        hyps = torch.cat((hyps, cand), dim=1).gather(1, pick[:, :, None].expand(B, K, L))
+        hyp_scores = pool_scores.gather(1, pick)
+        hyp_src = torch.cat((hyp_src, cand_src), dim=1).gather(1, pick[:, :, None].expand(B, K, L - P))
+        hyp_done = torch.cat((hyp_done, ended), dim=1).gather(1, pick)
+
+        cur += 1
+        # can the best running beam still beat the worst hypothesis? (transformers' heuristic per early_stopping)
+        if s.early_stopping == "never" and s.length_penalty > 0.0:
+            best_len = L - P
+        else:
+            best_len = cur - P
+        best_running = running_scores[:, :1] / (best_len ** s.length_penalty)  # (B, 1)
+        worst_hyp = torch.where(hyp_done, hyp_scores.min(dim=1, keepdim=True).values, _NEG)  # (B, K)
+        can_improve = can_improve & (best_running > worst_hyp).any(-1, keepdim=True)
+        go_on = can_improve.any() & ~ends.all()
+        if s.early_stopping is True:
+            go_on = go_on & ~hyp_done.all()
+        if not bool(go_on):
             break
-        logits = decoder(nxt[:, None], context=context, cache=cache).logits[:, -1]
-    return torch.cat(out, dim=1)
+        rows = running_src[:, :, cur - 1 - P].reshape(N).long()  # the cache row each running beam continues
+        logits = step(running.view(N, L)[:, cur - 1 : cur], cur, reorder=rows)
+
+    R = s.num_return_sequences
+    hyps = hyps[:, :R].reshape(B * R, L)
+    new = int((hyp_src[:, :R].reshape(B * R, L - P) >= 0).sum(1).max())
+    return hyps[:, : P + new]

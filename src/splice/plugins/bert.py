@@ -154,7 +154,9 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, cache: Any, layer: int) -> Tensor:
         B, T, D = x.shape
-        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))  # (B, nh, T, hs)
+        q = self._heads(self.q_proj(x))  # (B, nh, T, hs)
+        k = self._heads(self.k_proj(x))  # (B, nh, T, hs)
+        v = self._heads(self.v_proj(x))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, L, hs)
         y = F.scaled_dot_product_attention(
@@ -467,7 +469,8 @@ class HFLayout:
             for attn, ours in (("attention", "attention"), ("crossattention", "crossattention")):
                 for hf_proj, our_proj in (("self.query", "q_proj"), ("self.key", "k_proj"), ("self.value", "v_proj"),
                                           ("output.dense", "o_proj")):
-                    rows.update({f"{attn}.{hf_proj}.{p}": (s, f"{ours}.{our_proj}.{p}") for p, s in linear(D, D).items()})
+                    rows.update({f"{attn}.{hf_proj}.{p}": (s, f"{ours}.{our_proj}.{p}")
+                                 for p, s in linear(D, D).items()})
                 rows.update({f"{attn}.output.LayerNorm.{p}": (s, f"{ours}.norm.{p}") for p, s in norm.items()})
             rows.update({f"intermediate.dense.{p}": (s, f"mlp.fc1.{p}") for p, s in linear(I, D).items()})
             rows.update({f"output.dense.{p}": (s, f"mlp.fc2.{p}") for p, s in linear(D, I).items()})
@@ -536,7 +539,8 @@ class HFLayout:
                 d = self.dims(hf)
                 raise CheckpointError(
                     f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape} from the config "
-                    f"({', '.join(f'{k}={v}' for k, v in d.items())}); fix: load it with the config.json it was saved with"
+                    f"({', '.join(f'{k}={v}' for k, v in d.items())}); "
+                    f"fix: load it with the config.json it was saved with"
                 )
             mapped[ours] = tensor
         return mapped, unused
