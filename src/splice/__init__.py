@@ -39,11 +39,14 @@ def validate(spec):
     return _validate(spec)
 
 
-def compose(spec, *, seed: int | None = None):
-    """Build the model a spec describes (raises a ``SpliceError`` subclass listing every problem)."""
+def compose(spec, *, seed: int | None = None, strict: bool = False):
+    """Build the model a spec describes (raises a ``SpliceError`` subclass listing every problem).
+
+    With pretrained parts, ``model.loading_report`` lists loaded / newly initialised / unused weights by name;
+    ``strict=True`` turns any missing or unused weight into a ``CheckpointError``."""
     from splice.core.composer import compose as _compose
 
-    return _compose(spec, seed=seed)
+    return _compose(spec, seed=seed, strict=strict)
 
 
 def load(path, *, dtype=None, strict: bool = True, revision: str | None = None):

@@ -108,7 +108,9 @@ def _cmd_validate(args) -> int:
 def _cmd_build(args) -> int:
     import splice
 
-    model = splice.compose(args.spec, seed=args.seed)
+    model = splice.compose(args.spec, seed=args.seed, strict=args.strict)
+    if model.loading_report is not None:
+        print(model.loading_report)
     model.save_pretrained(args.out)
     print(f"built {model.num_parameters():,} parameters -> {args.out}")
     return 0
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("spec")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--strict", action="store_true", help="fail on missing or unused pretrained weights")
     p.set_defaults(fn=_cmd_build)
 
     p = sub.add_parser("caption", help="caption images with a saved model (a folder, hub id or transformers folder)")

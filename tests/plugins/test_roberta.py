@@ -172,8 +172,9 @@ def test_state_dict_round_trip(cross_pair):
     cfg, sd = files["config"], files["sd"]
     back = R.state_dict_to_hf(ours.state_dict(), cfg)
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
-    assert {k for k in back if not k.startswith("roberta.")} == {"lm_head.bias", "lm_head.dense.weight", "lm_head.dense.bias",
-                                                                  "lm_head.layer_norm.weight", "lm_head.layer_norm.bias"}
+    head = {"lm_head.bias", "lm_head.dense.weight", "lm_head.dense.bias", "lm_head.layer_norm.weight",
+            "lm_head.layer_norm.bias"}
+    assert {k for k in back if not k.startswith("roberta.")} == head
     extra = {**sd, "lm_head.decoder.weight": sd["roberta.embeddings.word_embeddings.weight"],
              "lm_head.decoder.bias": sd["lm_head.bias"], "roberta.embeddings.position_ids": torch.arange(66)[None]}
     mapped, unused = R.state_dict_from_hf(extra, cfg)

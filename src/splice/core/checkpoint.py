@@ -303,11 +303,3 @@ def load_tokenizer(folder: Path):
     except Exception as exc:
         raise CheckpointError(f"{folder}: the tokenizer files cannot be read ({type(exc).__name__}: {exc})") from None
     return None
-
-
-def load_pretrained_parts(model, plan) -> None:
-    """Warm start from pretrained encoder/decoder weights (a later issue)."""
-    raise ConfigError(
-        "pretrained encoder/decoder weights in a spec are not supported yet\n"
-        "    fix: set `pretrained: false`, or load a whole checkpoint with splice.load"
-    )

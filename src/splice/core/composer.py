@@ -197,6 +197,16 @@ def _resolve_part(role: str, spec_part, registry: Registry, problems: list[Probl
                 fix=f"write `pretrained: <hub id or path>` or `pretrained: false`",
             )
         )
+    if weights is not None:
+        from splice.core.pretrained import source_config
+
+        try:
+            implied = source_config(entry, weights)
+        except SpliceError as exc:
+            problems.append(Problem(f"{role}.pretrained", str(exc), given=spec_part.pretrained))
+            return None
+        if implied:
+            values = {**implied, **dict(spec_part.config)}  # the checkpoint's config, then the spec's overrides
     try:
         config = entry.config_cls(**values)
     except ValidationError as exc:
@@ -446,15 +456,18 @@ def assemble(plan: Plan, *, meta: bool = False) -> EncoderDecoderModel:
         return _join(plan, encoder, decoder)
 
 
-def compose(source: Any, *, seed: int | None = None) -> EncoderDecoderModel:
-    """Validate a spec and build its model. Raises the first problem's ``SpliceError`` subclass, listing all."""
+def compose(source: Any, *, seed: int | None = None, strict: bool = False) -> EncoderDecoderModel:
+    """Validate a spec and build its model. Raises the first problem's ``SpliceError`` subclass, listing all.
+
+    Pretrained parts are loaded into the fresh model; ``model.loading_report`` says what was loaded, newly
+    initialised and unused, and ``strict=True`` makes any missing or unused weight an error."""
     plan = validate(source)
     plan.raise_for_problems()
     if seed is not None:
         torch.manual_seed(seed)
     model = assemble(plan)
     if plan.encoder.pretrained is not False or plan.decoder.pretrained is not False:
-        from splice.core.checkpoint import load_pretrained_parts
+        from splice.core.pretrained import load_pretrained_parts
 
-        load_pretrained_parts(model, plan)
+        load_pretrained_parts(model, plan, strict=strict)
     return model

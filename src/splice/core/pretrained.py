@@ -1,0 +1,168 @@
+"""Pretrained parts in a spec: ``pretrained:`` on the encoder or decoder (warm start).
+
+A source is a preset's weights (``true``), a hub repo id (``owner/name`` or ``owner/name@revision``), a local
+folder or a single ``.safetensors`` file. Folders may be in transformers' layout (``config.json`` with a
+``model_type`` the component reads), timm's layout (``model.*`` names of the timm model), or splice's own component
+names; the layout that places the most tensors wins. Downloads go through huggingface_hub (its cache,
+``HF_HUB_OFFLINE``, its progress bars).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from torch import Tensor
+
+from splice.core.checkpoint import LoadReport, read_safetensors, read_weights
+from splice.core.errors import CheckpointError, ConfigError, Problem
+
+_ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin"]
+
+
+def split_revision(source: str) -> tuple[str, str | None]:
+    if "@" in source and not os.path.exists(source):
+        repo, _, rev = source.partition("@")
+        return repo, rev or None
+    return source, None
+
+
+def _looks_like_repo(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not os.path.exists(source)
+
+
+def locate(source: str, *, config_only: bool = False) -> Path:
+    """A local path for a source: the path itself, or the hub snapshot (config.json alone when ``config_only``)."""
+    path = Path(os.path.expanduser(source))
+    if path.exists():
+        return path
+    repo, revision = split_revision(source)
+    if not _looks_like_repo(repo):
+        raise CheckpointError(f"pretrained source {source!r}: no such file or folder\n    fix: check the path")
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        if config_only:
+            return Path(hf_hub_download(repo, "config.json", revision=revision)).parent
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=_ALLOW))
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = ("it is not in the local cache (HF_HUB_OFFLINE is set)" if offline
+                else "the hub could not be reached or has no such repo")
+        raise CheckpointError(
+            f"pretrained source {source!r}: {hint} ({type(exc).__name__})\n"
+            "    fix: check the repo id, or download it once with network access (then HF_HUB_OFFLINE=1 works)"
+        ) from None
+
+
+def source_config(entry, source: str) -> dict | None:
+    """Config values a pretrained source implies for a component (its transformers config.json), or None."""
+    if entry.hf is None:
+        return None
+    try:
+        where = locate(source, config_only=True)
+    except CheckpointError:
+        if Path(source).exists() or not _looks_like_repo(split_revision(source)[0]):
+            raise
+        return None  # weights-only repos (no config.json): the spec's config stands
+    cfg_file = (where if where.is_dir() else where.parent) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("model_type") in entry.hf.model_types:
+        return entry.hf.config_from_hf(cfg)
+    return None
+
+
+def _candidates(module, entry, tensors: dict[str, Tensor], hf_config: dict | None, values: dict):
+    """(name, mapped, unused) for each layout the tensors could be in."""
+    own = set(module.state_dict())
+    yield "splice", {k: v for k, v in tensors.items() if k in own}, [k for k in tensors if k not in own]
+    prefixed = {f"model.{k}": v for k, v in tensors.items()}
+    if any(k in own for k in prefixed):
+        yield "timm", {k: v for k, v in prefixed.items() if k in own}, [k[6:] for k in prefixed if k not in own]
+    if entry.hf is not None:
+        cfg = hf_config
+        if cfg is None and entry.hf.config_to_hf is not None:
+            cfg = entry.hf.config_to_hf(values)
+        if cfg is not None:
+            try:
+                mapped, unused = entry.hf.state_dict_from_hf(dict(tensors), cfg)
+                yield "transformers", mapped, list(unused)
+            except CheckpointError:
+                pass  # not this layout
+
+
+def load_part(model, part, *, strict: bool) -> LoadReport:
+    """Load one pretrained encoder/decoder into ``model`` in place; new modules keep their fresh init."""
+    module = getattr(model, part.role)
+    where = locate(part.weights)
+    if where.is_file():
+        tensors, _ = read_safetensors(where)
+        hf_config = None
+    else:
+        tensors = read_weights(where)
+        cfg_file = where / "config.json"
+        hf_config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+        if hf_config is not None and part.entry.hf and hf_config.get("model_type") not in part.entry.hf.model_types:
+            hf_config = None
+    values = part.config.model_dump()
+    layout, mapped, unused = max(_candidates(module, part.entry, tensors, hf_config, values), key=lambda c: len(c[1]))
+    if not mapped:
+        raise CheckpointError(
+            f"{where}: none of its {len(tensors)} tensors fit {part.role} {part.family!r} in splice, timm or "
+            f"transformers layout\n    fix: check that `{part.role}.pretrained` points at weights of this architecture"
+        )
+    expected = module.state_dict()
+    bad = [f"{k}: file {tuple(v.shape)}, model {tuple(expected[k].shape)}" for k, v in mapped.items() if v.shape != expected[k].shape]
+    if bad:
+        raise CheckpointError(f"{where}: tensors of the wrong shape for {part.role} {part.family!r}:\n  " + "\n  ".join(bad))
+    module.load_state_dict(mapped, strict=False)
+    new = {f"{n}" for m in model.cross_attention_modules for n in _names_in(module, m)} if part.role == "decoder" else set()
+    missing = sorted(k for k in expected if k not in mapped and k not in new and not _is_buffer(module, k))
+    p = part.role
+    report = LoadReport(
+        source=f"{part.weights} ({layout} layout)",
+        loaded=sorted(f"{p}.{k}" for k in mapped),
+        missing=[f"{p}.{k}" for k in missing],
+        unused=sorted(f"{p}.{k}" for k in unused),
+        initialised=sorted(f"{p}.{k}" for k in new),
+    )
+    if strict and (report.missing or report.unused):
+        raise CheckpointError(
+            f"{where}: strict warm start found surprises for the {p}\n"
+            + (f"  missing ({len(report.missing)}): {', '.join(report.missing[:20])}\n" if report.missing else "")
+            + (f"  unused ({len(report.unused)}): {', '.join(report.unused[:20])}\n" if report.unused else "")
+            + "    fix: load with strict=False to accept them, or point at matching weights"
+        )
+    return report
+
+
+def _names_in(root, sub) -> list[str]:
+    for prefix, m in root.named_modules():
+        if m is sub:
+            return [f"{prefix}.{n}" for n in sub.state_dict()]
+    return []
+
+
+def _is_buffer(module, name: str) -> bool:
+    return name not in dict(module.named_parameters())
+
+
+def load_pretrained_parts(model, plan, *, strict: bool = False) -> LoadReport:
+    """Warm start: every part whose spec names pretrained weights; returns one combined report."""
+    combined = LoadReport(source="")
+    sources = []
+    for part in (plan.encoder, plan.decoder):
+        if part.weights is None:
+            continue
+        r = load_part(model, part, strict=strict)
+        sources.append(r.source)
+        for field in ("loaded", "missing", "unused", "initialised"):
+            getattr(combined, field).extend(getattr(r, field))
+    if model.enc_to_dec_proj is not None:
+        combined.initialised.extend(f"enc_to_dec_proj.{k}" for k in model.enc_to_dec_proj.state_dict())
+    combined.source = "; ".join(sources)
+    model.loading_report = combined
+    return combined
