@@ -74,6 +74,12 @@ def test_pair_matches_transformers(enc, dec, tmp_path):
         want = hf.generate(pixel_values=px, max_new_tokens=8, do_sample=False, num_beams=1)
     assert ours.generate(px, max_new_tokens=8).tolist() == want.tolist()
 
+    # and back: transformers reads what splice exports, with the same logits
+    splice.export_transformers(ours, tmp_path / "exported")
+    again = transformers.VisionEncoderDecoderModel.from_pretrained(tmp_path / "exported").eval()
+    with torch.no_grad():
+        assert (again(pixel_values=px, labels=labels).logits - a.logits).abs().max().item() <= 1e-4
+
 
 @pytest.mark.parametrize("dec", DECODERS, ids=lambda e: e.name)
 def test_transformers5_names(dec, tmp_path):

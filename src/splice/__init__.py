@@ -56,6 +56,14 @@ def load(path, *, dtype=None, strict: bool = True, revision: str | None = None):
     return _load(path, dtype=dtype, strict=strict, revision=revision)
 
 
+def export_transformers(model, path) -> None:
+    """Write ``model`` as a transformers VisionEncoderDecoder folder (config.json + model.safetensors + processor
+    and tokenizer files) that ``VisionEncoderDecoderModel.from_pretrained`` loads with the same logits."""
+    from splice.core.transformers_format import export_ved
+
+    export_ved(model, path)
+
+
 def list_components(kind: str | None = None) -> list[dict]:
     """Registered components (and presets) as dicts: kind, name, plugin, aliases, description."""
     from splice.core.plugins import get_registry

@@ -143,3 +143,13 @@ def test_killed_mid_save_leaves_previous_checkpoint(saved):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     loaded = splice.load(folder)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_export_refuses_what_transformers_cannot_express(tmp_path):
+    spec = {"encoder": {"name": "vit", "config": registry.get("encoder", "vit").tiny},
+            "decoder": {"name": "gpt2", "config": registry.get("decoder", "gpt2").tiny},
+            "cross_attention": {"kind": "gated", "layers": "every-2"}, "projection": "mlp"}
+    with pytest.raises(splice.CheckpointError) as e:
+        splice.export_transformers(splice.compose(spec), tmp_path / "x")
+    assert "gated" in str(e.value) and "mlp" in str(e.value) and "save_pretrained" in str(e.value)
+    assert not (tmp_path / "x").exists()

@@ -102,3 +102,77 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
     model.tokenizer = load_tokenizer(folder)
     model.image_processor = ImageProcessor.from_folder(folder)
     return model.eval()
+
+
+def export_ved(model, path) -> None:
+    """Write a folder that transformers' ``VisionEncoderDecoderModel.from_pretrained`` loads with the same logits.
+
+    Only what transformers can express is exported: the standard cross-attention in every decoder layer, and a
+    Linear projection (or none). Anything else raises ``CheckpointError`` naming what stands in the way.
+    """
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from splice.core.checkpoint import _swap_into_place
+    from splice.core.processing import processor_for
+
+    spec = model.spec
+    registry = get_registry()
+    blockers = []
+    ca = spec.get("cross_attention", {})
+    decoder_native = getattr(model.decoder, "native_cross_attention", False)
+    if not decoder_native and (ca.get("kind") != "standard" or ca.get("layers") != "all"):
+        blockers.append(f"cross_attention {ca.get('kind')!r} in layers {ca.get('layers')!r} (transformers has "
+                        "only its standard cross-attention in every layer)")
+    if model.enc_to_dec_proj is not None and spec.get("projection") not in ("auto", "linear"):
+        blockers.append(f"projection {spec.get('projection')!r} (transformers has only a Linear enc_to_dec_proj)")
+    if model.enc_to_dec_proj is not None and model.encoder.hidden_size == model.decoder.hidden_size:
+        blockers.append("a projection between equal widths (transformers adds one only when the widths differ)")
+    config: dict = {
+        "model_type": VED_MODEL_TYPE,
+        "architectures": ["VisionEncoderDecoderModel"],
+        "is_encoder_decoder": True,
+        "tie_word_embeddings": False,
+    }
+    tensors = {}
+    for role in ("encoder", "decoder"):
+        entry = registry.get(role, spec[role]["name"])
+        hf = entry.hf
+        if hf is None or hf.config_to_hf is None or hf.state_dict_to_hf is None:
+            blockers.append(f"{role} {entry.name!r} has no transformers counterpart")
+            continue
+        values = entry.config_cls(**spec[role]["config"]).model_dump()
+        sub = hf.config_to_hf(values)
+        if role == "decoder":
+            sub = {**sub, "is_decoder": True, "add_cross_attention": True}
+        config[role] = sub
+        module_sd = getattr(model, role).state_dict()
+        tensors.update({f"{role}.{k}": v for k, v in hf.state_dict_to_hf(module_sd, sub).items()})
+    if blockers:
+        raise CheckpointError("cannot export to transformers' VisionEncoderDecoder layout:\n  - " + "\n  - ".join(blockers)
+                              + "\n    fix: save with model.save_pretrained (splice's own format) instead")
+    if model.enc_to_dec_proj is not None:
+        tensors.update({f"enc_to_dec_proj.{k}": v for k, v in model.enc_to_dec_proj.state_dict().items()})
+    tokens = model.tokens
+    config.update(decoder_start_token_id=tokens.get("decoder_start"), pad_token_id=tokens.get("pad"),
+                  eos_token_id=tokens.get("eos"))
+    generation = {"decoder_start_token_id": tokens.get("decoder_start"), "pad_token_id": tokens.get("pad"),
+                  "eos_token_id": tokens.get("eos"), **model.generation_defaults}
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        processor_for(model).save(tmp)
+        if model.tokenizer is not None:
+            (tmp / "tokenizer.json").write_text(model.tokenizer.to_str())
+        _swap_into_place(tmp, target)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import timm
 import torch
@@ -197,6 +197,21 @@ class ViTConfig(_PatchTransformer):
     """A plain ViT (timm ``vit_base_patch16_224``)."""
 
     qkv_bias: bool = True
+    pos_embed_init: Literal["learned", "sincos"] = Field(
+        "learned", description="learned: timm's random init; sincos: fixed 2-D sin-cos values (MAE), prefix tokens 0"
+    )
+    pos_embed_trainable: bool = Field(True, description="false: the position embedding is not trained")
+
+    @field_validator("pos_embed_init")
+    @classmethod
+    def _sincos_width(cls, v: str, info: ValidationInfo) -> str:
+        width = info.data.get("embed_dim")
+        if v == "sincos" and width is not None and width % 4:
+            raise ValueError(
+                f"pos_embed_init 'sincos' needs embed_dim divisible by 4 (a sin and a cos per axis); given "
+                f"embed_dim {width}; fix: use embed_dim {width // 4 * 4 or 4} or {width // 4 * 4 + 4}, or 'learned'"
+            )
+        return v
 
 
 class DeiTConfig(ViTConfig):
@@ -345,19 +360,35 @@ def _create(arch: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
 
 
+def _position_embedding(model: nn.Module, cfg: ViTConfig) -> nn.Module:
+    """``pos_embed_init`` / ``pos_embed_trainable``: a small ViT learns spatial relations far faster from fixed
+    2-D sin-cos positions than from timm's random ones (docs/training.md)."""
+    pos = model.pos_embed  # (1, prefix + H*W, D)
+    if cfg.pos_embed_init == "sincos" and pos.device.type != "meta":
+        from timm.layers import build_sincos2d_pos_embed
+
+        grid = list(model.patch_embed.grid_size)
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        with torch.no_grad():
+            pos.zero_()  # the class (and distillation) token positions stay 0
+            pos[0, prefix:] = build_sincos2d_pos_embed(grid, dim=pos.shape[-1])  # (H*W, D)
+    pos.requires_grad_(cfg.pos_embed_trainable)
+    return model
+
+
 def build_vit(cfg: ViTConfig) -> TimmEncoder:
     model = _create("vit_base_patch16_224", qkv_bias=cfg.qkv_bias, **_vit_kwargs(cfg))
-    return _wrap(model, cfg, cfg.embed_dim)
+    return _wrap(_position_embedding(model, cfg), cfg, cfg.embed_dim)
 
 
 def build_deit(cfg: DeiTConfig) -> TimmEncoder:
     model = _create("deit_base_patch16_224", qkv_bias=cfg.qkv_bias, **_vit_kwargs(cfg))
-    return _wrap(model, cfg, cfg.embed_dim)
+    return _wrap(_position_embedding(model, cfg), cfg, cfg.embed_dim)
 
 
 def build_deit_distilled(cfg: DeiTDistilledConfig) -> TimmEncoder:
     model = _create("deit_base_distilled_patch16_224", qkv_bias=cfg.qkv_bias, **_vit_kwargs(cfg))
-    return _wrap(model, cfg, cfg.embed_dim)
+    return _wrap(_position_embedding(model, cfg), cfg, cfg.embed_dim)
 
 
 def build_beit(cfg: BEiTConfig) -> TimmEncoder:

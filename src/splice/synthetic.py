@@ -1,0 +1,239 @@
+"""The synthetic captioning set behind ``splice demo`` and ``splice train --data shapes``.
+
+Images are drawn with PIL: one or two shapes (circle, square, triangle) in six colours on a dark background.
+Every image has exactly one correct caption, so exact match is a fair score:
+
+* one shape: ``a red circle``
+* two shapes of the same colour and kind: ``two red circles``
+* two different shapes: ``a red circle left of a blue square``. The shape named first is the one that comes
+  first in the fixed order of colours, then kinds (``COLOURS``, ``KINDS``); the relation (left of, right of,
+  above, below) is where it lies relative to the other, which is drawn clearly apart along one axis.
+
+Samples are a pure function of ``(seed, stream, index)``: training draws fresh images for every batch (the
+stream position is the step), the held-out set is fixed by its seed, and any process can draw any slice of a
+batch — which is what makes resume and multi-process runs exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 235),
+    "yellow": (235, 215, 40),
+    "purple": (160, 60, 210),
+    "white": (240, 240, 240),
+}
+KINDS = ("circle", "square", "triangle")
+RELATIONS = ("left of", "right of", "above", "below")
+CATEGORIES = ("single", "count", "relation")
+SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")  # ids 0, 1, 2, 3: the demo spec's tokens
+PAD, BOS, EOS, UNK = range(4)
+
+TRAIN_STREAM, HELDOUT_STREAM = 0, 1
+
+
+def words() -> list[str]:
+    """The vocabulary after the special tokens, in id order."""
+    out = ["a", "two", *COLOURS, *KINDS, *(k + "s" for k in KINDS)]
+    for rel in RELATIONS:
+        out += [w for w in rel.split() if w not in out]
+    return out
+
+
+def build_tokenizer():
+    """A word-level ``tokenizers.Tokenizer``: [PAD]=0 [BOS]=1 [EOS]=2 [UNK]=3, then ``words()``."""
+    from tokenizers import Tokenizer, decoders
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words()])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+def vocab_size() -> int:
+    return len(SPECIAL_TOKENS) + len(words())
+
+
+@dataclass
+class Shape:
+    colour: str
+    kind: str
+    x: float  # centre
+    y: float
+    r: float  # half extent
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return list(COLOURS).index(self.colour), KINDS.index(self.kind)
+
+
+@dataclass
+class Sample:
+    image: np.ndarray  # (H, W, 3) uint8
+    caption: str
+    category: str
+    shapes: list[Shape]
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    image_size: int = 64
+    min_radius: float = 8.0
+    max_radius: float = 12.0
+    weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # single, count, relation
+    gap: float = 3.0  # pixels between the two shapes along the relation axis
+
+
+def _place_one(rng: np.random.Generator, cfg: ShapesConfig, r: float) -> tuple[float, float]:
+    lo, hi = r + 1, cfg.image_size - 1 - r
+    return float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
+
+
+def _place_apart(rng: np.random.Generator, cfg: ShapesConfig, r1: float, r2: float, axis: int | None):
+    """Two centres whose shapes do not touch. With ``axis`` (0: x, 1: y), they are apart along it and the
+    offset across it is at most half the offset along it, so the relation is unambiguous."""
+    for _ in range(1000):
+        a, b = _place_one(rng, cfg, r1), _place_one(rng, cfg, r2)
+        d = (b[0] - a[0], b[1] - a[1])
+        if axis is None:
+            if max(abs(d[0]), abs(d[1])) >= r1 + r2 + cfg.gap:
+                return a, b
+        elif abs(d[axis]) >= r1 + r2 + cfg.gap and abs(d[1 - axis]) <= abs(d[axis]) / 2:
+            return a, b
+    raise RuntimeError("cannot place two shapes; the image is too small for the radii")  # pragma: no cover
+
+
+def describe(shapes: Sequence[Shape]) -> tuple[str, str]:
+    """The one correct caption of these shapes, and its category."""
+    if len(shapes) == 1:
+        s = shapes[0]
+        return f"a {s.colour} {s.kind}", "single"
+    a, b = shapes
+    if (a.colour, a.kind) == (b.colour, b.kind):
+        return f"two {a.colour} {a.kind}s", "count"
+    s, o = sorted(shapes, key=lambda t: t.order)
+    dx, dy = s.x - o.x, s.y - o.y
+    if abs(dx) >= abs(dy):
+        rel = "left of" if dx < 0 else "right of"
+    else:
+        rel = "above" if dy < 0 else "below"
+    return f"a {s.colour} {s.kind} {rel} a {o.colour} {o.kind}", "relation"
+
+
+def sample(seed: int, stream: int, index: int, cfg: ShapesConfig = ShapesConfig()) -> Sample:
+    """Sample ``index`` of ``stream`` (0: training, 1: held out) under ``seed``."""
+    rng = np.random.default_rng([seed, stream, index])
+    category = CATEGORIES[int(rng.choice(3, p=np.asarray(cfg.weights) / sum(cfg.weights)))]
+    colours, radius = list(COLOURS), lambda: float(rng.uniform(cfg.min_radius, cfg.max_radius))
+    pick = lambda: (colours[int(rng.integers(len(colours)))], KINDS[int(rng.integers(len(KINDS)))])  # noqa: E731
+    if category == "single":
+        (c, k), r = pick(), radius()
+        shapes = [Shape(c, k, *_place_one(rng, cfg, r), r)]
+    else:
+        first = pick()
+        second = first
+        if category == "relation":
+            while second == first:
+                second = pick()
+        r1, r2 = radius(), radius()
+        axis = int(rng.integers(2)) if category == "relation" else None
+        p1, p2 = _place_apart(rng, cfg, r1, r2, axis)
+        shapes = [Shape(*first, *p1, r1), Shape(*second, *p2, r2)]
+    caption, cat = describe(shapes)
+    assert cat == category
+    return Sample(draw(shapes, rng, cfg.image_size), caption, category, shapes)
+
+
+def draw(shapes: Sequence[Shape], rng: np.random.Generator, size: int) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    bg = int(rng.integers(0, 40))
+    im = Image.new("RGB", (size, size), (bg, bg, bg))
+    d = ImageDraw.Draw(im)
+    for s in shapes:
+        colour = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLOURS[s.colour])
+        x, y, r = s.x, s.y, s.r
+        if s.kind == "circle":
+            d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+        elif s.kind == "square":
+            h = r * 0.85  # about the area of the circle
+            d.rectangle([x - h, y - h, x + h, y + h], fill=colour)
+        else:
+            d.polygon([(x, y - r), (x - r, y + r * 0.8), (x + r, y + r * 0.8)], fill=colour)
+    return np.asarray(im)
+
+
+class ShapesData:
+    """Batches of the shapes set, tokenized and normalised for a model.
+
+    ``batch(step, start, stop)`` is rows ``start:stop`` of global training batch ``step`` (fresh images for
+    every step); ``heldout(n)`` is the fixed held-out set.
+    """
+
+    is_stream = True
+
+    def __init__(self, *, image_size: int = 64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed: int = 0,
+                 config: ShapesConfig | None = None, eos: int = EOS):
+        self.config = config or ShapesConfig(image_size=image_size)
+        if self.config.image_size != image_size:
+            self.config = ShapesConfig(**{**self.config.__dict__, "image_size": image_size})
+        self.seed = seed
+        self.eos = eos
+        self.tokenizer = build_tokenizer()
+        self.vocab = self.tokenizer.get_vocab()
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+
+    @classmethod
+    def for_model(cls, model, *, seed: int = 0, config: ShapesConfig | None = None) -> "ShapesData":
+        pre = model.encoder.preprocessing
+        h, w = pre.image_size
+        if h != w:
+            raise ValueError(f"the shapes set draws square images; the encoder takes {h}x{w}")
+        eos = model.tokens.get("eos")
+        return cls(image_size=h, mean=pre.mean, std=pre.std, seed=seed, config=config, eos=EOS if eos is None else eos)
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"shapes: synthetic {c.image_size}x{c.image_size} images, fresh every batch, seed {self.seed}; "
+                f"{len(self.vocab)}-word vocabulary")
+
+    def encode_captions(self, captions: Sequence[str]) -> Tensor:
+        """Labels (B, T): word ids, then [EOS], padded with -100."""
+        rows = [[self.vocab[w] for w in c.split()] + [self.eos] for c in captions]
+        labels = torch.full((len(rows), max(map(len, rows))), -100, dtype=torch.long)
+        for i, row in enumerate(rows):
+            labels[i, : len(row)] = torch.tensor(row)
+        return labels
+
+    def pixels(self, images: Sequence[np.ndarray]) -> Tensor:
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()  # (B, 3, H, W) in 0..255
+        return (x - self._mean) / self._std
+
+    def make_batch(self, samples: Sequence[Sample]) -> dict:
+        return {
+            "pixel_values": self.pixels([s.image for s in samples]),
+            "labels": self.encode_captions([s.caption for s in samples]),
+            "captions": [s.caption for s in samples],
+            "categories": [s.category for s in samples],
+        }
+
+    def batch(self, step: int, start: int, stop: int, global_batch: int) -> dict:
+        first = step * global_batch
+        return self.make_batch([sample(self.seed, TRAIN_STREAM, first + i, self.config) for i in range(start, stop)])
+
+    def heldout(self, n: int = 500, *, seed: int | None = None) -> list[Sample]:
+        s = self.seed if seed is None else seed
+        return [sample(s, HELDOUT_STREAM, i, self.config) for i in range(n)]
