@@ -135,23 +135,23 @@ def export_ved(model, path) -> None:
         "is_encoder_decoder": True,
         "tie_word_embeddings": False,
     }
-    tensors = {}
+    interops = {}
     for role in ("encoder", "decoder"):
         entry = registry.get(role, spec[role]["name"])
-        hf = entry.hf
-        if hf is None or hf.config_to_hf is None or hf.state_dict_to_hf is None:
+        if entry.hf is None or entry.hf.config_to_hf is None or entry.hf.state_dict_to_hf is None:
             blockers.append(f"{role} {entry.name!r} has no transformers counterpart")
-            continue
-        values = entry.config_cls(**spec[role]["config"]).model_dump()
-        sub = hf.config_to_hf(values)
+        interops[role] = entry
+    if blockers:
+        raise CheckpointError("cannot export to transformers' VisionEncoderDecoder layout:\n  - " + "\n  - ".join(blockers)
+                              + "\n    fix: save with model.save_pretrained (splice's own format) instead")
+    tensors = {}
+    for role, entry in interops.items():
+        sub = entry.hf.config_to_hf(entry.config_cls(**spec[role]["config"]).model_dump())
         if role == "decoder":
             sub = {**sub, "is_decoder": True, "add_cross_attention": True}
         config[role] = sub
         module_sd = getattr(model, role).state_dict()
-        tensors.update({f"{role}.{k}": v for k, v in hf.state_dict_to_hf(module_sd, sub).items()})
-    if blockers:
-        raise CheckpointError("cannot export to transformers' VisionEncoderDecoder layout:\n  - " + "\n  - ".join(blockers)
-                              + "\n    fix: save with model.save_pretrained (splice's own format) instead")
+        tensors.update({f"{role}.{k}": v for k, v in entry.hf.state_dict_to_hf(module_sd, sub).items()})
     if model.enc_to_dec_proj is not None:
         tensors.update({f"enc_to_dec_proj.{k}": v for k, v in model.enc_to_dec_proj.state_dict().items()})
     tokens = model.tokens

@@ -1,0 +1,324 @@
+"""Captioning data for training: image folders and JSONL files, tokenized with the model's own tokenizer.
+
+Two layouts are read:
+
+* an ``imagefolder`` folder: images plus ``metadata.jsonl`` whose rows name a ``file_name`` and its ``text``
+  (with ``train/`` and ``validation/`` (or ``val/``, ``test/``) subfolders, each with its own metadata, the
+  second becomes the evaluation set);
+* a JSONL file of ``{"image": path, "text": caption}`` rows, paths relative to the file.
+
+Rows that cannot be used (a missing file, an image that does not decode, an empty caption, a line that is not a
+JSON object with the two keys) are counted by reason, with examples, in a ``DataReport``: never fatal, never
+dropped silently. Captions longer than the decoder's positions are truncated and counted too.
+
+A dataset is read as a stream: position ``k`` of the stream is row ``perm_e[k % n]`` of epoch ``e = k // n``, a
+permutation fixed by the seed. A step's batch is a range of stream positions, so the data position of a run is
+one number (samples seen), which resume and multi-process sharding rely on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from splice.core.errors import InputError
+
+REASONS = ("missing file", "unreadable image", "empty text", "bad row")
+METADATA = "metadata.jsonl"
+EVAL_SPLITS = ("validation", "val", "valid", "test", "eval")
+MAX_EXAMPLES = 5  # examples kept per reason
+
+
+@dataclass
+class BadRow:
+    where: str  # "metadata.jsonl:12"
+    reason: str  # one of REASONS
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.detail}"
+
+
+@dataclass
+class DataReport:
+    """What was read from a source: rows used, and every row that was not, by reason."""
+
+    source: str
+    total: int = 0
+    used: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    examples: dict[str, list[BadRow]] = field(default_factory=dict)  # reason -> the first few
+    truncated: int = 0  # captions cut to the decoder's positions (still used)
+
+    def add(self, bad: BadRow) -> None:
+        self.counts[bad.reason] = self.counts.get(bad.reason, 0) + 1
+        kept = self.examples.setdefault(bad.reason, [])
+        if len(kept) < MAX_EXAMPLES:
+            kept.append(bad)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        lines = [f"{self.source}: {self.total:,} rows, {self.used:,} used, {self.skipped:,} skipped"]
+        for reason in sorted(self.counts, key=lambda r: -self.counts[r]):
+            lines.append(f"  {reason}: {self.counts[reason]:,}")
+            lines += [f"    e.g. {ex}" for ex in self.examples.get(reason, [])]
+        if self.truncated:
+            lines.append(f"  truncated to the decoder's length (used): {self.truncated:,}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source, "total": self.total, "used": self.used, "skipped": self.skipped,
+            "by_reason": dict(self.counts), "truncated": self.truncated,
+            "examples": {r: [str(b) for b in ex] for r, ex in self.examples.items()},
+        }
+
+
+# -- rows ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    image: Path
+    text: str
+    where: str
+
+
+def _read_jsonl(path: Path, image_keys: tuple[str, ...], report: DataReport) -> list[Row]:
+    rows: list[Row] = []
+    base = path.parent
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            report.total += 1
+            where = f"{path.name}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                report.add(BadRow(where, "bad row", f"not JSON ({exc.msg})"))
+                continue
+            if not isinstance(obj, dict):
+                report.add(BadRow(where, "bad row", f"a JSON {type(obj).__name__}, not an object"))
+                continue
+            key = next((k for k in image_keys if k in obj), None)
+            if key is None or not isinstance(obj[key], str) or not obj[key]:
+                report.add(BadRow(where, "bad row", f"no image path (expected a string under {' or '.join(image_keys)})"))
+                continue
+            text = obj.get("text", obj.get("caption"))
+            if text is not None and not isinstance(text, str):
+                report.add(BadRow(where, "bad row", f"text is a {type(text).__name__}, not a string"))
+                continue
+            if text is None or not text.strip():
+                report.add(BadRow(where, "empty text", f"{obj[key]}: no caption"))
+                continue
+            rows.append(Row(base / obj[key], " ".join(text.split()), where))
+    return rows
+
+
+def _check_images(rows: list[Row], report: DataReport) -> list[Row]:
+    from PIL import Image
+
+    good = []
+    for row in rows:
+        if not row.image.is_file():
+            report.add(BadRow(row.where, "missing file", f"{row.image}: no such file"))
+            continue
+        try:
+            with Image.open(row.image) as im:
+                im.load()  # decodes: a truncated file fails here, not mid-training
+        except Exception as exc:  # PIL raises many kinds for broken files
+            report.add(BadRow(row.where, "unreadable image", f"{row.image.name}: {type(exc).__name__}: {exc}"))
+            continue
+        good.append(row)
+    return good
+
+
+def read_rows(path: str | Path, *, check_images: bool = True) -> tuple[list[Row], DataReport]:
+    """The usable rows of a metadata.jsonl / JSONL file, and the report of the others."""
+    path = Path(path)
+    report = DataReport(str(path))
+    keys = ("file_name", "image") if path.name == METADATA else ("image", "file_name")
+    rows = _read_jsonl(path, keys, report)
+    if check_images:
+        rows = _check_images(rows, report)
+    report.used = len(rows)
+    return rows, report
+
+
+def find_sources(path: str | Path) -> tuple[Path, Path | None]:
+    """(train metadata/JSONL, eval metadata or None) for a folder or a JSONL file."""
+    p = Path(path)
+    if p.is_file():
+        return p, None
+    if p.is_dir():
+        if (p / METADATA).is_file():
+            return p / METADATA, None
+        if (p / "train" / METADATA).is_file():
+            ev = next((p / s / METADATA for s in EVAL_SPLITS if (p / s / METADATA).is_file()), None)
+            return p / "train" / METADATA, ev
+        raise InputError(
+            f"{p}: no {METADATA} here (nor in {p / 'train'})\n"
+            f"    fix: add {METADATA} with one {{\"file_name\": ..., \"text\": ...}} object per line"
+        )
+    raise InputError(f"{p}: no such folder or file\n    fix: give an imagefolder folder or a .jsonl file, or 'shapes'")
+
+
+# -- the dataset -----------------------------------------------------------------------------------------
+
+
+def encode_caption(tokenizer, text: str, eos: int | None, max_len: int) -> tuple[list[int], bool]:
+    """Token ids of a caption followed by ``eos`` (unless the tokenizer added it), cut to ``max_len``."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if eos is not None:
+        ids.append(eos)
+    truncated = len(ids) > max_len
+    if truncated:
+        ids = ids[: max_len - 1] + ([eos] if eos is not None else ids[max_len - 1 : max_len])
+    return ids, truncated
+
+
+def pad_labels(rows: Sequence[Sequence[int]]) -> Tensor:
+    """(B, T) labels, -100 after each row's end (ignored by the loss, replaced by pad when shifted)."""
+    labels = torch.full((len(rows), max(map(len, rows), default=1)), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        labels[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return labels
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """Rows of (image, caption); items are ``{"pixel_values" (C, H, W), "labels" list[int], "caption"}``."""
+
+    def __init__(self, rows: list[Row], *, tokenizer, processor, eos: int | None, max_len: int,
+                 report: DataReport | None = None):
+        self.rows = rows
+        self.processor = processor
+        self.report = report or DataReport("rows", total=len(rows), used=len(rows))
+        self.labels: list[list[int]] = []
+        for row in rows:
+            ids, cut = encode_caption(tokenizer, row.text, eos, max_len)
+            self.report.truncated += cut
+            self.labels.append(ids)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict | None:
+        row = self.rows[i]
+        try:
+            px = self.processor.one(row.image)  # (C, H, W)
+        except Exception as exc:  # the file changed since it was checked: skip it, counted by collate
+            return {"error": f"{row.where}: {type(exc).__name__}: {exc}"}
+        return {"pixel_values": px, "labels": self.labels[i], "caption": self.rows[i].text}
+
+
+def collate(items: Iterable[dict]) -> dict:
+    """Stack images, pad labels with -100; items that failed to load are left out and counted in ``errors``."""
+    items = list(items)
+    good = [it for it in items if "error" not in it]
+    errors = [it["error"] for it in items if "error" in it]
+    if not good:
+        return {"pixel_values": None, "labels": None, "captions": [], "categories": None, "errors": errors}
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in good]),  # (B, C, H, W)
+        "labels": pad_labels([it["labels"] for it in good]),  # (B, T)
+        "captions": [it["caption"] for it in good],
+        "categories": None,
+        "errors": errors,
+    }
+
+
+class FileData:
+    """A ``CaptionDataset`` read as a seeded stream of epochs (see the module docstring)."""
+
+    is_stream = False
+
+    def __init__(self, dataset: CaptionDataset, *, seed: int = 0, name: str = ""):
+        if len(dataset) == 0:
+            raise InputError(
+                f"{name or 'the dataset'}: no usable rows\n{dataset.report.summary()}\n"
+                "    fix: check the paths in the metadata (relative to its folder) and the captions"
+            )
+        self.dataset = dataset
+        self.seed = seed
+        self.name = name
+        self._perms: dict[int, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def describe(self) -> str:
+        return f"{self.name}: {len(self.dataset):,} rows"
+
+    def index(self, position: int) -> int:
+        n = len(self.dataset)
+        epoch, k = divmod(position, n)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = self._perms[epoch] = torch.randperm(n, generator=g)
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+        return int(perm[k])
+
+    def get(self, positions: Sequence[int]) -> dict:
+        return collate(self.dataset[self.index(k)] for k in positions)
+
+    def eval_batches(self, n: int | None = None, batch_size: int = 64) -> Iterable[dict]:
+        """The rows in order (at most ``n``), as batches."""
+        total = len(self.dataset) if n is None else min(n, len(self.dataset))
+        for start in range(0, total, batch_size):
+            yield collate(self.dataset[i] for i in range(start, min(start + batch_size, total)))
+
+
+def split(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Hold out ``fraction`` of the rows (at most 500), chosen by the seed."""
+    n_eval = min(500, int(len(rows) * fraction))
+    if n_eval == 0:
+        return rows, []
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(rows), generator=g).tolist()
+    held = set(perm[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def load_data(path: str | Path, model, *, seed: int = 0, eval_path: str | Path | None = None,
+              eval_fraction: float = 0.05, check_images: bool = True) -> tuple[FileData, FileData | None, list[DataReport]]:
+    """Training (and evaluation) data for ``model`` from a folder or JSONL file, with the reports of each."""
+    from splice.core.processing import processor_for
+
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise InputError(
+            "the model has no tokenizer to encode the captions with\n"
+            "    fix: train from a saved model folder that has tokenizer.json, or pass --tokenizer tokenizer.json"
+        )
+    processor = processor_for(model)
+    max_len = getattr(model.decoder, "max_positions", None) or 1024
+    eos = model.tokens.get("eos")
+    train_src, eval_src = find_sources(path)
+    rows, report = read_rows(train_src, check_images=check_images)
+    reports = [report]
+    if eval_path is not None:
+        eval_src = find_sources(eval_path)[0]
+    if eval_src is not None:
+        eval_rows, eval_report = read_rows(eval_src, check_images=check_images)
+        reports.append(eval_report)
+    else:
+        rows, eval_rows = split(rows, eval_fraction, seed) if len(rows) >= 20 else (rows, [])
+        eval_report = None
+    kw = dict(tokenizer=tokenizer, processor=processor, eos=eos, max_len=max_len)
+    train = FileData(CaptionDataset(rows, report=report, **kw), seed=seed, name=str(train_src))
+    evaluation = None
+    if eval_rows:
+        ds = CaptionDataset(eval_rows, report=eval_report, **kw)
+        evaluation = FileData(ds, seed=seed, name=str(eval_src or f"{train_src} (held out {len(eval_rows)})"))
+    return train, evaluation, reports
