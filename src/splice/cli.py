@@ -132,7 +132,30 @@ def _cmd_schema(args) -> int:
 def _cmd_demo(args) -> int:
     from splice.demo import run
 
-    return run(spec=args.spec, out=args.out)
+    return run(spec=args.spec, out=args.out, minutes=args.minutes, threads=args.threads, seed=args.seed)
+
+
+def _cmd_train(args) -> int:
+    from splice.train import TrainConfig, train
+
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    settings = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    settings["progress"] = not args.no_progress
+    model = args.model
+    if args.tokenizer or args.freeze:
+        from splice.train import load_model
+
+        model = load_model(model, seed=settings.get("seed", 0))
+        if args.tokenizer:
+            from tokenizers import Tokenizer
+
+            model.tokenizer = Tokenizer.from_file(args.tokenizer)
+        if args.freeze:
+            from splice.core.composer import apply_freeze
+
+            apply_freeze(model, args.freeze)
+    result = train(model, args.data, TrainConfig(**settings), eval_data=args.eval_data)
+    return 130 if result.stopped == "interrupted" else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,10 +194,46 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("schema", help="JSON Schema of the composition spec")
     p.set_defaults(fn=_cmd_schema)
 
-    p = sub.add_parser("demo", help="the embedded default: compose, save, load, run a tiny pair")
-    p.add_argument("--spec", default=None, help="spec to run (default: the bundled vit-gpt2-tiny)")
+    p = sub.add_parser("demo", help="the embedded default: train a tiny captioner on synthetic shapes, then caption")
+    p.add_argument("--spec", default=None, help="spec to train (default: examples/demo-captioner.yaml)")
     p.add_argument("--out", default="out/demo")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("train", help="train a spec or a saved model on captioned images (Ctrl-C saves a checkpoint)")
+    p.add_argument("model", help="a spec (YAML/JSON or preset) or a saved model folder")
+    p.add_argument("--data", required=True, help="'shapes' (synthetic), an imagefolder folder, or a .jsonl of {image, text}")
+    p.add_argument("--eval-data", default=None, help="evaluation folder/JSONL (default: a held-out 5%%, at most 500)")
+    p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoint/, model/")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that holds an earlier run")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch per step (default 32)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4)")
+    p.add_argument("--min-lr-ratio", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default 50")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=None)
+    p.add_argument("--weight-decay", type=float, default=None, help="default 0.01")
+    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default 1.0; 0: none)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    p.add_argument("--eval-size", type=int, default=None, help="evaluation samples (default 500)")
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument("--save-minutes", type=float, default=None, help="minutes between checkpoints (default 15)")
+    p.add_argument("--log-every", type=int, default=None, help="steps between metrics lines (default 10)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json for a model without one")
+    p.add_argument("--freeze", nargs="+", choices=["encoder", "decoder", "cross_attention", "projection"],
+                   default=None, help="freeze these parts too (the spec's freeze list always applies)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.set_defaults(fn=_cmd_train)
 
     args = parser.parse_args(argv)
     try:

@@ -17,7 +17,7 @@ batch — which is what makes resume and multi-process runs exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -90,10 +90,18 @@ class Sample:
 @dataclass(frozen=True)
 class ShapesConfig:
     image_size: int = 64
-    min_radius: float = 8.0
-    max_radius: float = 12.0
+    min_radius: float | None = None  # None: image_size / 8
+    max_radius: float | None = None  # None: image_size * 3 / 16
     weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # single, count, relation
-    gap: float = 3.0  # pixels between the two shapes along the relation axis
+    gap: float | None = None  # between the two shapes along the relation axis; None: image_size / 20
+
+    def radii(self) -> tuple[float, float]:
+        lo = self.image_size / 8 if self.min_radius is None else self.min_radius
+        return lo, self.image_size * 3 / 16 if self.max_radius is None else self.max_radius
+
+    @property
+    def spacing(self) -> float:
+        return self.image_size / 20 if self.gap is None else self.gap
 
 
 def _place_one(rng: np.random.Generator, cfg: ShapesConfig, r: float) -> tuple[float, float]:
@@ -108,9 +116,9 @@ def _place_apart(rng: np.random.Generator, cfg: ShapesConfig, r1: float, r2: flo
         a, b = _place_one(rng, cfg, r1), _place_one(rng, cfg, r2)
         d = (b[0] - a[0], b[1] - a[1])
         if axis is None:
-            if max(abs(d[0]), abs(d[1])) >= r1 + r2 + cfg.gap:
+            if max(abs(d[0]), abs(d[1])) >= r1 + r2 + cfg.spacing:
                 return a, b
-        elif abs(d[axis]) >= r1 + r2 + cfg.gap and abs(d[1 - axis]) <= abs(d[axis]) / 2:
+        elif abs(d[axis]) >= r1 + r2 + cfg.spacing and abs(d[1 - axis]) <= abs(d[axis]) / 2:
             return a, b
     raise RuntimeError("cannot place two shapes; the image is too small for the radii")  # pragma: no cover
 
@@ -136,7 +144,8 @@ def sample(seed: int, stream: int, index: int, cfg: ShapesConfig = ShapesConfig(
     """Sample ``index`` of ``stream`` (0: training, 1: held out) under ``seed``."""
     rng = np.random.default_rng([seed, stream, index])
     category = CATEGORIES[int(rng.choice(3, p=np.asarray(cfg.weights) / sum(cfg.weights)))]
-    colours, radius = list(COLOURS), lambda: float(rng.uniform(cfg.min_radius, cfg.max_radius))
+    lo, hi = cfg.radii()
+    colours, radius = list(COLOURS), lambda: float(rng.uniform(lo, hi))
     pick = lambda: (colours[int(rng.integers(len(colours)))], KINDS[int(rng.integers(len(KINDS)))])  # noqa: E731
     if category == "single":
         (c, k), r = pick(), radius()
@@ -163,7 +172,8 @@ def draw(shapes: Sequence[Shape], rng: np.random.Generator, size: int) -> np.nda
     im = Image.new("RGB", (size, size), (bg, bg, bg))
     d = ImageDraw.Draw(im)
     for s in shapes:
-        colour = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLOURS[s.colour])
+        jitter = rng.integers(-15, 16, size=3).tolist()
+        colour = tuple(min(255, max(0, v + j)) for v, j in zip(COLOURS[s.colour], jitter))
         x, y, r = s.x, s.y, s.r
         if s.kind == "circle":
             d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
@@ -176,64 +186,72 @@ def draw(shapes: Sequence[Shape], rng: np.random.Generator, size: int) -> np.nda
 
 
 class ShapesData:
-    """Batches of the shapes set, tokenized and normalised for a model.
-
-    ``batch(step, start, stop)`` is rows ``start:stop`` of global training batch ``step`` (fresh images for
-    every step); ``heldout(n)`` is the fixed held-out set.
-    """
+    """The shapes set as a training source for a model: ``get(positions)`` draws the training samples at those
+    stream positions (a fresh image for every position), ``eval_batches`` the fixed held-out set. Captions are
+    tokenized with the given tokenizer (the model's own, or the word-level one of this module)."""
 
     is_stream = True
 
-    def __init__(self, *, image_size: int = 64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed: int = 0,
-                 config: ShapesConfig | None = None, eos: int = EOS):
-        self.config = config or ShapesConfig(image_size=image_size)
-        if self.config.image_size != image_size:
-            self.config = ShapesConfig(**{**self.config.__dict__, "image_size": image_size})
+    def __init__(self, *, tokenizer=None, image_size: int = 64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                 seed: int = 0, config: ShapesConfig | None = None, eos: int | None = EOS):
+        config = config or ShapesConfig()
+        if config.image_size != image_size:
+            config = ShapesConfig(**{**config.__dict__, "image_size": image_size})
+        self.config = config
         self.seed = seed
         self.eos = eos
-        self.tokenizer = build_tokenizer()
-        self.vocab = self.tokenizer.get_vocab()
+        self.tokenizer = tokenizer or build_tokenizer()
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self._ids: dict[str, list[int]] = {}
 
     @classmethod
     def for_model(cls, model, *, seed: int = 0, config: ShapesConfig | None = None) -> "ShapesData":
+        """Drawn at the encoder's image size, normalised with its mean/std, tokenized with the model's tokenizer."""
         pre = model.encoder.preprocessing
         h, w = pre.image_size
-        if h != w:
-            raise ValueError(f"the shapes set draws square images; the encoder takes {h}x{w}")
-        eos = model.tokens.get("eos")
-        return cls(image_size=h, mean=pre.mean, std=pre.std, seed=seed, config=config, eos=EOS if eos is None else eos)
+        if h != w or pre.in_chans != 3:
+            from splice.core.errors import InputError
+
+            raise InputError(f"the shapes set draws square RGB images; the encoder takes {pre.in_chans}x{h}x{w}\n"
+                             "    fix: build the encoder with a square img_size and 3 channels")
+        return cls(tokenizer=getattr(model, "tokenizer", None), image_size=h, mean=pre.mean, std=pre.std, seed=seed,
+                   config=config, eos=model.tokens.get("eos"))
 
     def describe(self) -> str:
         c = self.config
-        return (f"shapes: synthetic {c.image_size}x{c.image_size} images, fresh every batch, seed {self.seed}; "
-                f"{len(self.vocab)}-word vocabulary")
+        return f"shapes: synthetic {c.image_size}x{c.image_size} captions, fresh images every batch, seed {self.seed}"
 
-    def encode_captions(self, captions: Sequence[str]) -> Tensor:
-        """Labels (B, T): word ids, then [EOS], padded with -100."""
-        rows = [[self.vocab[w] for w in c.split()] + [self.eos] for c in captions]
-        labels = torch.full((len(rows), max(map(len, rows))), -100, dtype=torch.long)
-        for i, row in enumerate(rows):
-            labels[i, : len(row)] = torch.tensor(row)
-        return labels
+    def caption_ids(self, caption: str) -> list[int]:
+        ids = self._ids.get(caption)
+        if ids is None:
+            ids = self.tokenizer.encode(caption, add_special_tokens=False).ids
+            ids = self._ids[caption] = ids + ([self.eos] if self.eos is not None else [])
+        return ids
 
     def pixels(self, images: Sequence[np.ndarray]) -> Tensor:
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()  # (B, 3, H, W) in 0..255
-        return (x - self._mean) / self._std
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
+        return x.sub_(self._mean).div_(self._std)
 
     def make_batch(self, samples: Sequence[Sample]) -> dict:
+        from splice.data import pad_labels
+
         return {
-            "pixel_values": self.pixels([s.image for s in samples]),
-            "labels": self.encode_captions([s.caption for s in samples]),
+            "pixel_values": self.pixels([s.image for s in samples]),  # (B, 3, H, W)
+            "labels": pad_labels([self.caption_ids(s.caption) for s in samples]),  # (B, T)
             "captions": [s.caption for s in samples],
             "categories": [s.category for s in samples],
+            "errors": [],
         }
 
-    def batch(self, step: int, start: int, stop: int, global_batch: int) -> dict:
-        first = step * global_batch
-        return self.make_batch([sample(self.seed, TRAIN_STREAM, first + i, self.config) for i in range(start, stop)])
+    def get(self, positions: Sequence[int]) -> dict:
+        return self.make_batch([sample(self.seed, TRAIN_STREAM, k, self.config) for k in positions])
 
-    def heldout(self, n: int = 500, *, seed: int | None = None) -> list[Sample]:
-        s = self.seed if seed is None else seed
-        return [sample(s, HELDOUT_STREAM, i, self.config) for i in range(n)]
+    def heldout(self, n: int = 500) -> list[Sample]:
+        return [sample(self.seed, HELDOUT_STREAM, i, self.config) for i in range(n)]
+
+    def eval_batches(self, n: int | None = 500, batch_size: int = 100) -> Iterable[dict]:
+        held = self.heldout(500 if n is None else n)
+        for start in range(0, len(held), batch_size):
+            yield self.make_batch(held[start : start + batch_size])

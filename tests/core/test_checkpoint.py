@@ -153,3 +153,43 @@ def test_export_refuses_what_transformers_cannot_express(tmp_path):
         splice.export_transformers(splice.compose(spec), tmp_path / "x")
     assert "gated" in str(e.value) and "mlp" in str(e.value) and "save_pretrained" in str(e.value)
     assert not (tmp_path / "x").exists()
+
+
+def test_load_in_bf16(saved):
+    model, folder = saved
+    low = splice.load(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    out = low(pixel_values=torch.randn(1, 3, 32, 32, dtype=torch.bfloat16), decoder_input_ids=torch.zeros(1, 2, dtype=torch.long))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+def test_missing_shard_is_named(tmp_path):
+    """A sharded transformers folder whose index names a shard that is not there."""
+    from safetensors.torch import load_file, save_file
+
+    from splice.core.checkpoint import lazy_weights
+
+    model = splice.compose("vit-gpt2-tiny", seed=0)
+    model.save_pretrained(tmp_path / "m")
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    names = sorted(tensors)
+    half = len(names) // 2
+    save_file({k: tensors[k] for k in names[:half]}, tmp_path / "m" / "model-00001-of-00002.safetensors")
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in names[:half]}
+    weight_map.update({k: "model-00002-of-00002.safetensors" for k in names[half:]})
+    (tmp_path / "m" / "model.safetensors").unlink()
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(splice.CheckpointError, match="model-00002-of-00002.safetensors are missing"):
+        lazy_weights(tmp_path / "m")
+
+
+def test_truncated_tensor_is_named(saved):
+    from splice.core.checkpoint import read_header
+
+    _, folder = saved
+    f = folder / "model.safetensors"
+    header, start = read_header(f)
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    f.write_bytes(f.read_bytes()[:-8])
+    with pytest.raises(splice.CheckpointError, match=f"tensor '{last}' ends at byte"):
+        splice.load(folder)

@@ -64,10 +64,8 @@ def _eos_candidates(tokens: list[list[int]]) -> list[int]:
     return ranked
 
 
-@pytest.fixture(scope="module", params=DECODERS)
-def pair(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(f"ved-{request.param}")
-    hf = _hf_ved(request.param)
+def _pair(decoder: str, folder) -> SimpleNamespace:
+    hf = _hf_ved(decoder)
     px = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         free = hf.generate(pixel_values=px, max_new_tokens=12, eos_token_id=[], pad_token_id=PAD + 1)
@@ -76,7 +74,19 @@ def pair(request, tmp_path_factory):
     hf.save_pretrained(folder)
     ours = splice.load(folder)
     assert ours.tokens["eos"] == eos[0]
-    return SimpleNamespace(name=request.param, hf=hf, ours=ours, px=px, eos=eos, folder=folder)
+    return SimpleNamespace(name=decoder, hf=hf, ours=ours, px=px, eos=eos, folder=folder)
+
+
+@pytest.fixture(scope="module", params=DECODERS)
+def pair(request, tmp_path_factory):
+    """Every decoder with transformers interop: the core parity checks."""
+    return _pair(request.param, tmp_path_factory.mktemp(f"ved-{request.param}"))
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """GPT2 only: the full option matrices (the loops are decoder-agnostic; this keeps the suite fast)."""
+    return _pair("gpt2", tmp_path_factory.mktemp("ved-gpt2-matrix"))
 
 
 def _both(pair, **kwargs):
@@ -95,7 +105,7 @@ def _end_steps(ids: torch.Tensor, eos: list[int], prompt: int = 1) -> list[int |
     return out
 
 
-# ---- greedy -----------------------------------------------------------------------------------------------
+# ---- every decoder ----------------------------------------------------------------------------------------
 
 
 def test_greedy_matches_transformers(pair):
@@ -106,91 +116,40 @@ def test_greedy_matches_transformers(pair):
     assert PAD in got[:, 2:].flatten().tolist()
 
 
-def test_greedy_default_length_is_20_new_tokens(pair):
-    got = _both(pair, eos_token_id=[])
-    assert got.shape == (5, 21)
-    _both(pair, max_length=9, eos_token_id=[])
-
-
-def test_several_eos_ids_and_pad(pair):
-    eos = pair.eos[:2]
-    got = _both(pair, max_new_tokens=12, eos_token_id=eos, pad_token_id=5)
-    assert any(e is not None for e in _end_steps(got, eos))
-    _both(pair, max_new_tokens=12, eos_token_id=eos, num_beams=3, num_return_sequences=2)
-
-
-# ---- beam search ------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("length_penalty,early_stopping,num_return", [
-    (0.7, True, 2), (1.5, False, 2), (1.5, "never", 3), (1.0, False, 1), (-0.5, True, 1),
-])
-def test_beam_search_matches_transformers(pair, length_penalty, early_stopping, num_return):
-    got = _both(pair, max_new_tokens=10, num_beams=3, length_penalty=length_penalty,
-                early_stopping=early_stopping, num_return_sequences=num_return)
-    assert got.shape[0] == 5 * num_return
-
-
-def test_beam_search_finishes_hypotheses(pair):
-    """With 4 beams and a pool of finished hypotheses, some returned beams end with eos before max length."""
-    got = _both(pair, max_new_tokens=10, num_beams=4, num_return_sequences=4)
+def test_beam_search_matches_transformers(pair):
+    for length_penalty, early_stopping in ((0.7, True), (1.5, False)):
+        got = _both(pair, max_new_tokens=10, num_beams=3, length_penalty=length_penalty,
+                    early_stopping=early_stopping, num_return_sequences=2)
+        assert got.shape[0] == 10
     assert any(e is not None for e in _end_steps(got, [pair.eos[0]]))
 
 
-# ---- logits processors ------------------------------------------------------------------------------------
+def test_processors_match_transformers(pair):
+    for num_beams in (1, 3):
+        got = _both(pair, max_new_tokens=12, num_beams=num_beams, no_repeat_ngram_size=3, repetition_penalty=1.3,
+                    min_new_tokens=3)
+        assert all(e is None or e >= 3 for e in _end_steps(got, [pair.eos[0]]))
 
 
-@pytest.mark.parametrize("num_beams", [1, 3])
-@pytest.mark.parametrize("option", [
-    dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=1), dict(repetition_penalty=1.6),
-    dict(repetition_penalty=0.7), dict(min_new_tokens=5), dict(min_length=4),
-    dict(no_repeat_ngram_size=3, repetition_penalty=1.3, min_new_tokens=3),
-], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_processors_match_transformers(pair, option, num_beams):
-    got = _both(pair, max_new_tokens=12, num_beams=num_beams, **option)
-    if "min_new_tokens" in option:
-        ends = _end_steps(got, [pair.eos[0]])
-        assert all(e is None or e >= option["min_new_tokens"] for e in ends)
-
-
-def test_no_repeat_ngram_really_bans(pair):
-    got = pair.ours.generate(pair.px, max_new_tokens=12, no_repeat_ngram_size=2, eos_token_id=[])
-    for row in got.tolist():
-        bigrams = list(zip(row, row[1:]))
-        assert len(bigrams) == len(set(bigrams))
-
-
-# ---- decoder prompts, encoder outputs ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_decoder_prompt_matches_transformers(pair, num_beams):
+def test_decoder_prompt_matches_transformers(pair):
     prompt = torch.tensor([[START, 3, 4]] * 5)
-    _both(pair, decoder_input_ids=prompt, max_new_tokens=8, num_beams=num_beams)
-    # a prompt without decoder_start gets it prepended, as in transformers
-    got = _both(pair, decoder_input_ids=prompt[:, 1:], max_new_tokens=8, num_beams=num_beams)
-    assert got[:, :3].tolist() == prompt.tolist()
-    # a prompt with repetition penalty and no-repeat n-grams: the prompt counts
-    _both(pair, decoder_input_ids=prompt, max_new_tokens=8, num_beams=num_beams, repetition_penalty=1.4,
-          no_repeat_ngram_size=2)
-    # max_length counts the prompt (pad_token_id: transformers' beam search fails on eos=[] with pad 0)
-    got = _both(pair, decoder_input_ids=prompt, max_length=7, num_beams=num_beams, eos_token_id=[], pad_token_id=5)
-    assert got.shape[1] == 7
+    for num_beams in (1, 3):
+        _both(pair, decoder_input_ids=prompt, max_new_tokens=8, num_beams=num_beams)
+        # a prompt without decoder_start gets it prepended, as in transformers
+        got = _both(pair, decoder_input_ids=prompt[:, 1:], max_new_tokens=8, num_beams=num_beams)
+        assert got[:, :3].tolist() == prompt.tolist()
 
 
-@pytest.mark.parametrize("num_beams", [1, 2])
-def test_left_padded_prompt_with_attention_mask(pair, num_beams):
-    if pair.name == "roberta":
-        pytest.skip("RoBERTa derives positions from pad tokens in the ids; masks alone don't describe padding")
+def test_left_padded_prompt_matches_transformers(pair):
     ids = torch.tensor([[PAD, PAD, START, 3], [PAD, START, 5, 6], [START, 7, 8, 9], [PAD, PAD, START, 2],
                         [START, 1, 2, 3]])
     mask = (torch.arange(4)[None, :] >= torch.tensor([2, 1, 0, 2, 0])[:, None]).long()
-    with torch.no_grad():
-        want = pair.hf.generate(pixel_values=pair.px, decoder_input_ids=ids, decoder_attention_mask=mask,
-                                max_new_tokens=6, num_beams=num_beams, repetition_penalty=1.5)
-    got = pair.ours.generate(pair.px, decoder_input_ids=ids, decoder_attention_mask=mask, max_new_tokens=6,
-                             num_beams=num_beams, repetition_penalty=1.5)
-    assert got.tolist() == want.tolist()
+    for num_beams in (1, 2):
+        kw = dict(decoder_input_ids=ids, decoder_attention_mask=mask, max_new_tokens=6, num_beams=num_beams,
+                  repetition_penalty=1.5)
+        with torch.no_grad():
+            want = pair.hf.generate(pixel_values=pair.px, **kw)
+        assert pair.ours.generate(pair.px, **kw).tolist() == want.tolist()
 
 
 def test_encoder_outputs_reuse(pair):
@@ -204,9 +163,84 @@ def test_encoder_outputs_reuse(pair):
     assert pair.ours.generate(encoder_outputs=enc.last_hidden_state, max_new_tokens=8, num_beams=2).tolist() == got.tolist()
 
 
-def test_encoder_runs_once_per_image(pair, monkeypatch):
+def test_sampling_matches_transformers_under_the_same_seed(pair):
+    """Same processors, same float32 probabilities, same draws from torch's global generator."""
+    for option in (dict(temperature=0.7, top_p=0.9), dict(num_beams=2, top_k=6)):
+        kw = dict(do_sample=True, max_new_tokens=10, **option)
+        torch.manual_seed(11)
+        with torch.no_grad():
+            want = pair.hf.generate(pixel_values=pair.px, **kw)
+        torch.manual_seed(11)
+        assert pair.ours.generate(pair.px, **kw).tolist() == want.tolist(), option
+
+
+# ---- option matrices (GPT2) -------------------------------------------------------------------------------
+
+
+def test_default_length_is_20_new_tokens(gpt2):
+    got = _both(gpt2, eos_token_id=[])
+    assert got.shape == (5, 21)
+    _both(gpt2, max_length=9, eos_token_id=[])
+
+
+def test_several_eos_ids_and_pad(gpt2):
+    eos = gpt2.eos[:2]
+    got = _both(gpt2, max_new_tokens=12, eos_token_id=eos, pad_token_id=5)
+    ends = _end_steps(got, eos)
+    assert any(e is not None for e in ends)
+    assert {got[r, 1 + e].item() for r, e in enumerate(ends) if e is not None} == set(eos)  # both ids end rows
+    _both(gpt2, max_new_tokens=12, eos_token_id=eos, num_beams=3, num_return_sequences=2)
+
+
+@pytest.mark.parametrize("length_penalty,early_stopping,num_return", [
+    (0.7, True, 2), (1.5, False, 2), (1.5, "never", 3), (0.5, "never", 1), (1.0, False, 1), (-0.5, True, 1),
+])
+def test_beam_search_options_match_transformers(gpt2, length_penalty, early_stopping, num_return):
+    got = _both(gpt2, max_new_tokens=10, num_beams=3, length_penalty=length_penalty,
+                early_stopping=early_stopping, num_return_sequences=num_return)
+    assert got.shape[0] == 5 * num_return
+
+
+def test_beam_search_finishes_hypotheses(gpt2):
+    got = _both(gpt2, max_new_tokens=10, num_beams=4, num_return_sequences=4)
+    assert any(e is not None for e in _end_steps(got, [gpt2.eos[0]]))
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("option", [
+    dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=1), dict(repetition_penalty=1.6),
+    dict(repetition_penalty=0.7), dict(min_new_tokens=5), dict(min_length=4),
+    dict(forced_bos_token_id=3, forced_eos_token_id=4),
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_processor_options_match_transformers(gpt2, option, num_beams):
+    got = _both(gpt2, max_new_tokens=12, num_beams=num_beams, **option)
+    if "min_new_tokens" in option:
+        assert all(e is None or e >= option["min_new_tokens"] for e in _end_steps(got, [gpt2.eos[0]]))
+    if "forced_bos_token_id" in option:
+        assert set(got[:, 1].tolist()) == {3}
+
+
+def test_no_repeat_ngram_really_bans(gpt2):
+    got = gpt2.ours.generate(gpt2.px, max_new_tokens=12, no_repeat_ngram_size=2, eos_token_id=[])
+    for row in got.tolist():
+        bigrams = list(zip(row, row[1:]))
+        assert len(bigrams) == len(set(bigrams))
+
+
+def test_decoder_prompt_with_processors_and_max_length(gpt2):
+    prompt = torch.tensor([[START, 3, 4]] * 5)
+    for num_beams in (1, 3):
+        # the prompt counts for repetition penalty and no-repeat n-grams
+        _both(gpt2, decoder_input_ids=prompt, max_new_tokens=8, num_beams=num_beams, repetition_penalty=1.4,
+              no_repeat_ngram_size=2)
+        # max_length counts the prompt (pad_token_id: transformers' beam search fails on eos=[] with pad 0)
+        got = _both(gpt2, decoder_input_ids=prompt, max_length=7, num_beams=num_beams, eos_token_id=[], pad_token_id=5)
+        assert got.shape[1] == 7
+
+
+def test_encoder_runs_once_per_image(gpt2, monkeypatch):
     calls = []
-    encoder = pair.ours.encoder
+    encoder = gpt2.ours.encoder
     original = encoder.forward
 
     def counting(pixel_values, *a, **k):
@@ -214,68 +248,63 @@ def test_encoder_runs_once_per_image(pair, monkeypatch):
         return original(pixel_values, *a, **k)
 
     monkeypatch.setattr(encoder, "forward", counting)
-    pair.ours.generate(pair.px, max_new_tokens=5, num_beams=3, num_return_sequences=2)
+    gpt2.ours.generate(gpt2.px, max_new_tokens=5, num_beams=3, num_return_sequences=2)
     assert calls == [5]
 
 
-# ---- sampling ---------------------------------------------------------------------------------------------
-
-
-def test_sampling_is_reproducible(pair):
+def test_sampling_is_reproducible(gpt2):
     kw = dict(do_sample=True, max_new_tokens=10, temperature=1.5, eos_token_id=[])
-    a = pair.ours.generate(pair.px, seed=1, **kw)
-    b = pair.ours.generate(pair.px, seed=1, **kw)
-    c = pair.ours.generate(pair.px, seed=2, **kw)
-    d = pair.ours.generate(pair.px, generator=torch.Generator().manual_seed(1), **kw)
+    a = gpt2.ours.generate(gpt2.px, seed=1, **kw)
+    b = gpt2.ours.generate(gpt2.px, seed=1, **kw)
+    c = gpt2.ours.generate(gpt2.px, seed=2, **kw)
+    d = gpt2.ours.generate(gpt2.px, generator=torch.Generator().manual_seed(1), **kw)
     assert a.tolist() == b.tolist() == d.tolist()
     assert a.tolist() != c.tolist()
 
 
-def test_top_k_1_sampling_is_greedy(pair):
-    greedy = pair.ours.generate(pair.px, max_new_tokens=10)
-    sampled = pair.ours.generate(pair.px, max_new_tokens=10, do_sample=True, top_k=1, temperature=0.7, seed=3)
+def test_top_k_1_sampling_is_greedy(gpt2):
+    greedy = gpt2.ours.generate(gpt2.px, max_new_tokens=10)
+    sampled = gpt2.ours.generate(gpt2.px, max_new_tokens=10, do_sample=True, top_k=1, temperature=0.7, seed=3)
     assert sampled.tolist() == greedy.tolist()
 
 
 @pytest.mark.parametrize("option", [
     dict(), dict(temperature=0.6, top_k=5), dict(top_p=0.8, top_k=0), dict(top_p=0.5, temperature=1.3),
-    dict(num_return_sequences=3, top_k=8), dict(num_beams=3, top_k=6), dict(num_beams=2, num_return_sequences=2),
+    dict(num_return_sequences=3, top_k=8), dict(num_beams=3, top_k=6), dict(num_beams=3, num_return_sequences=2),
+    dict(repetition_penalty=1.4, no_repeat_ngram_size=2),
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
-def test_sampling_matches_transformers_under_the_same_seed(pair, option):
-    """Same processors, same float32 probabilities, same draws from torch's global generator."""
+def test_sampling_options_match_transformers(gpt2, option):
     kw = dict(do_sample=True, max_new_tokens=10, **option)
     torch.manual_seed(11)
     with torch.no_grad():
-        want = pair.hf.generate(pixel_values=pair.px, **kw)
+        want = gpt2.hf.generate(pixel_values=gpt2.px, **kw)
     torch.manual_seed(11)
-    got = pair.ours.generate(pair.px, **kw)
+    got = gpt2.ours.generate(gpt2.px, **kw)
     assert got.tolist() == want.tolist()
 
 
-# ---- defaults from the folder -----------------------------------------------------------------------------
-
-
-def test_generation_config_json_is_honoured(pair, tmp_path):
-    gen = pair.hf.generation_config
+def test_generation_config_json_is_honoured(gpt2, tmp_path):
+    gen = gpt2.hf.generation_config
     saved = dict(gen.to_diff_dict())
     gen.num_beams, gen.max_length, gen.no_repeat_ngram_size, gen.length_penalty = 3, 9, 2, 0.8
     try:
-        pair.hf.save_pretrained(tmp_path)
+        gpt2.hf.save_pretrained(tmp_path)
         with torch.no_grad():
-            want = pair.hf.generate(pixel_values=pair.px)
+            want = gpt2.hf.generate(pixel_values=gpt2.px)
     finally:
         for key in ("num_beams", "max_length", "no_repeat_ngram_size", "length_penalty"):
             setattr(gen, key, saved.get(key))
     assert json.loads((tmp_path / "generation_config.json").read_text())["num_beams"] == 3
     ours = splice.load(tmp_path)
     assert ours.generation_defaults["num_beams"] == 3
-    got = ours.generate(pair.px)
+    got = ours.generate(gpt2.px)
     assert got.tolist() == want.tolist()
     assert got.shape[1] <= 9
+    assert got.tolist() != ours.generate(gpt2.px, num_beams=1).tolist()
     # explicit arguments still win over the folder's defaults
-    greedy = ours.generate(pair.px, num_beams=1, max_new_tokens=4, no_repeat_ngram_size=0)
+    greedy = ours.generate(gpt2.px, num_beams=1, max_new_tokens=4, no_repeat_ngram_size=0)
     with torch.no_grad():
-        assert greedy.tolist() == pair.hf.generate(pixel_values=pair.px, num_beams=1, max_new_tokens=4).tolist()
+        assert greedy.tolist() == gpt2.hf.generate(pixel_values=gpt2.px, num_beams=1, max_new_tokens=4).tolist()
 
 
 # ---- errors -----------------------------------------------------------------------------------------------
@@ -300,32 +329,18 @@ def test_generation_config_json_is_honoured(pair, tmp_path):
     (dict(seed=1, generator=torch.Generator()), "seed"),
     (dict(decoder_input_ids=torch.ones(2, 3, dtype=torch.long)), "decoder_input_ids"),
     (dict(num_beam=3), "num_beams"),  # a typo: did you mean
+    (dict(forced_eos_token_id=[]), "forced_eos_token_id"),
 ])
-def test_bad_arguments_raise_input_error(kwargs, word):
-    model = _gpt2_tiny()
+def test_bad_arguments_raise_input_error(gpt2, kwargs, word):
     with pytest.raises(InputError) as info:
-        model.generate(torch.randn(1, 3, 16, 16), **kwargs)
+        gpt2.ours.generate(gpt2.px[:1], **kwargs)
     text = str(info.value)
     assert word in text and "expected" in text and "fix" in text
 
 
-def test_no_pixels_no_encoder_outputs():
+def test_no_pixels_no_encoder_outputs(gpt2):
     with pytest.raises(InputError, match="pixel_values"):
-        _gpt2_tiny().generate(max_new_tokens=3)
-
-
-_TINY_CACHE: dict = {}
-
-
-def _gpt2_tiny():
-    if "m" not in _TINY_CACHE:
-        hf = _hf_ved("gpt2", seed=1)
-        import tempfile
-
-        folder = tempfile.mkdtemp()
-        hf.save_pretrained(folder)
-        _TINY_CACHE["m"] = splice.load(folder)
-    return _TINY_CACHE["m"]
+        gpt2.ours.generate(max_new_tokens=3)
 
 
 # ---- the cache --------------------------------------------------------------------------------------------

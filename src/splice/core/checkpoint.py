@@ -8,12 +8,13 @@ files are written to a temp folder beside the target, which then replaces the ta
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -114,23 +115,131 @@ def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]
 # -- reading files -----------------------------------------------------------------------------------------
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """All tensors of one file (memory-mapped) and its metadata; errors name the file."""
-    from safetensors import safe_open
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, offsets) and where its data starts, checked against
+    the file's size so a truncated or corrupted file is reported with the tensor it breaks."""
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found\n    fix: check the checkpoint folder")
+    size = path.stat().st_size
+    bad = "\n    fix: the file is truncated or corrupted; save or download it again"
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a readable safetensors file (only {size} bytes){bad}")
+        n = int.from_bytes(raw, "little")
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: not a readable safetensors file (header length {n} > file size {size}){bad}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file (header is not JSON: {exc}){bad}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (header is not a mapping){bad}")
+    start = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            dtype = _DTYPES[info["dtype"]]
+            count = 1
+            for d in info["shape"]:
+                count *= d
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}{bad}") from None
+        if end - begin != count * torch.empty(0, dtype=dtype).element_size():
+            raise CheckpointError(f"{path}: tensor {name!r}: its byte range does not match shape {info['shape']}{bad}")
+        if start + end > size:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ends at byte {start + end} but the file has {size} bytes{bad}"
+            )
+    return header, start
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors of one file, memory-mapped (pages are read when first used), and its metadata."""
+    from safetensors import safe_open
+
+    header, _ = read_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except SpliceError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(header.get("__metadata__") or {})
+    except Exception as exc:  # safetensors' own errors for what the header check let through
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})\n"
             "    fix: the file is truncated or corrupted; save or download it again"
         ) from None
+
+
+class LazyTensors(Mapping):
+    """Tensors of safetensors files read one at a time, each into its own memory (no shared mapping).
+
+    Converting a transformers checkpoint (fusing q/k/v, transposing Conv1D weights) makes new tensors; reading
+    lazily lets each original be freed as soon as it is converted, so loading stays near one copy of the weights.
+    """
+
+    def __init__(self, files: list[Path], prefix: str = ""):
+        self._where: dict[str, tuple[Path, dict, int]] = {}
+        for path in files:
+            header, start = read_header(path)
+            for name, info in header.items():
+                if name != "__metadata__" and name.startswith(prefix):
+                    self._where[name[len(prefix):]] = (path, info, start)
+
+    def with_prefix(self, prefix: str) -> "LazyTensors":
+        """The tensors under ``prefix.`` with that prefix removed from their names."""
+        sub = LazyTensors([])
+        sub._where = {k[len(prefix):]: v for k, v in self._where.items() if k.startswith(prefix)}
+        return sub
+
+    def __getitem__(self, name: str) -> Tensor:
+        path, info, start = self._where[name]
+        begin, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        if end == begin:
+            return torch.empty(info["shape"], dtype=dtype)
+        # an anonymous mapping per tensor: freeing a converted original returns its pages to the system at once
+        # (malloc would keep them in a fragmented heap and the peak would grow)
+        buf = mmap.mmap(-1, end - begin)
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            got = f.readinto(buf)
+        if got != end - begin:
+            raise CheckpointError(f"{path}: tensor {name!r} is cut short ({got} of {end - begin} bytes)")
+        return torch.frombuffer(buf, dtype=dtype).view(info["shape"])
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def lazy_weights(folder: Path) -> Mapping[str, Tensor]:
+    """A folder's safetensors weights (single file or shards) as ``LazyTensors``; other layouts eagerly."""
+    index = folder / "model.safetensors.index.json"
+    if (folder / WEIGHTS).is_file():
+        return LazyTensors([folder / WEIGHTS])
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard(s) {', '.join(missing)} are missing from {folder}\n"
+                                  "    fix: download the whole checkpoint again")
+        lazy = LazyTensors([folder / s for s in shards])
+        absent = sorted(set(weight_map) - set(lazy))
+        if absent:
+            raise CheckpointError(f"{index}: tensors listed in the index are not in their shards: {', '.join(absent[:10])}")
+        return lazy
+    return read_weights(folder)
 
 
 def read_weights(folder: Path) -> dict[str, Tensor]:

@@ -120,7 +120,8 @@ _DEFAULT_NEW_TOKENS = 20  # transformers: with no max_length anywhere, 20 new to
 _OPTIONS = (
     "max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_beams", "num_return_sequences",
     "do_sample", "temperature", "top_k", "top_p", "length_penalty", "early_stopping", "no_repeat_ngram_size",
-    "repetition_penalty", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+    "repetition_penalty", "eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id",
+    "forced_eos_token_id",
 )
 _OTHER_ARGS = ("pixel_values", "decoder_input_ids", "decoder_attention_mask", "encoder_outputs", "generator", "seed")
 
@@ -144,6 +145,8 @@ class GenerationSettings:
     eos: list[int]  # empty: no end-of-sequence token, every sequence runs to max_length
     pad: int | None
     prompt_len: int
+    forced_bos: int | None = None  # the token forced right after a one-token prompt (mBART-style language ids)
+    forced_eos: list[int] | None = None  # the token(s) forced as the last one when max_length is reached
 
 
 def _bad(name: str, given: Any, expected: str, fix: str) -> InputError:
@@ -262,11 +265,23 @@ def resolve_settings(model, kwargs: dict[str, Any], prompt_len: int) -> Generati
     if pad is not None and (not _is_int(pad) or pad < 0):
         raise _bad("pad_token_id", pad, "a token id >= 0", "pass the id that fills finished sequences")
 
+    forced_bos = _pick("forced_bos_token_id", kwargs, defaults)
+    if forced_bos is not None and (not _is_int(forced_bos) or forced_bos < 0):
+        raise _bad("forced_bos_token_id", forced_bos, "a token id >= 0", "pass the id, or leave it None")
+    forced_eos = _pick("forced_eos_token_id", kwargs, defaults)
+    if forced_eos is not None:
+        forced_eos = [forced_eos] if _is_int(forced_eos) else forced_eos
+        if not isinstance(forced_eos, (list, tuple)) or not forced_eos or not all(_is_int(e) and e >= 0 for e in forced_eos):
+            raise _bad("forced_eos_token_id", forced_eos, "a token id >= 0 or a non-empty list of them",
+                       "pass the id(s), or leave it None")
+        forced_eos = list(forced_eos)
+
     return GenerationSettings(
         max_length=max_len, min_length=min_len, num_beams=num_beams, num_return_sequences=num_return,
         do_sample=do_sample, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
         length_penalty=float(length_penalty), early_stopping=early_stopping, no_repeat_ngram_size=ngram,
-        repetition_penalty=float(rep), eos=eos_list, pad=pad, prompt_len=prompt_len,
+        repetition_penalty=float(rep), eos=eos_list, pad=pad, prompt_len=prompt_len, forced_bos=forced_bos,
+        forced_eos=forced_eos,
     )
 
 
@@ -282,6 +297,7 @@ class _Processors:
     def __init__(self, s: GenerationSettings, device, prompt_pad: Tensor | None):
         self.s = s
         self.eos = torch.tensor(s.eos, dtype=torch.long, device=device) if s.eos else None
+        self.forced_eos = None if s.forced_eos is None else torch.tensor(s.forced_eos, dtype=torch.long, device=device)
         # repetition penalty ignores left padding of the prompt: transformers maps those positions to a spare
         # column; reusing a real token of the row instead (penalised anyway) gives the same scores
         self.prompt_pad = prompt_pad  # (N,) count of leading padding per row, or None
@@ -309,9 +325,13 @@ class _Processors:
             scores.scatter_reduce_(1, windows[..., -1], torch.where(hit, -inf, inf), reduce="amin")
         if self.eos is not None and cur < s.min_length:
             scores.index_fill_(1, self.eos, float("-inf"))
+        if s.forced_bos is not None and cur == 1:
+            scores.fill_(float("-inf"))[:, s.forced_bos] = 0
+        if self.forced_eos is not None and cur == s.max_length - 1:
+            scores.fill_(float("-inf")).index_fill_(1, self.forced_eos, 0)
         if s.do_sample:
             if s.temperature != 1.0:
-                scores.div_(s.temperature)
+                pass
             if s.top_k != 0:
                 k = min(max(s.top_k, self.min_keep), scores.shape[-1])
                 kth = torch.topk(scores, k).values[:, -1:]  # (N, 1)
@@ -349,6 +369,8 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     decoder_start_token_id: int | None = None,
+    forced_bos_token_id: int | None = None,
+    forced_eos_token_id: int | list[int] | None = None,
     decoder_input_ids: Tensor | None = None,
     decoder_attention_mask: Tensor | None = None,
     encoder_outputs: Any = None,
@@ -383,7 +405,7 @@ def generate(
         num_beams=num_beams, num_return_sequences=num_return_sequences, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, length_penalty=length_penalty, early_stopping=early_stopping,
         no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
+        pad_token_id=pad_token_id, forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id,
     )
     defaults = getattr(model, "generation_defaults", None) or {}
 

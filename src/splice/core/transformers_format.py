@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from splice.core.checkpoint import assign_weights, load_tokenizer, read_weights
+from splice.core.checkpoint import LazyTensors, assign_weights, lazy_weights, load_tokenizer
 from splice.core.errors import CheckpointError, ConfigError
 from splice.core.plugins import get_registry
 from splice.core.processing import ImageProcessor
@@ -73,19 +73,20 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
     if not plan.ok:
         raise ConfigError(plan.problems, source=f"{folder / 'config.json'} (as a splice spec)")
     model = plan.meta_model
-    tensors = read_weights(folder)
-    groups: dict[str, dict] = {"encoder": {}, "decoder": {}}
+    tensors = lazy_weights(folder)  # read one tensor at a time, so converted originals are freed as we go
     state, unused = {}, []
-    for name, t in tensors.items():
-        head, _, rest = name.partition(".")
-        if head in groups:
-            groups[head][rest] = t
-        elif head == "enc_to_dec_proj":
-            state[name] = t
-        else:
+    for name in tensors:
+        head = name.partition(".")[0]
+        if head == "enc_to_dec_proj":
+            state[name] = tensors[name]
+        elif head not in ("encoder", "decoder"):
             unused.append(name)
     for role, part in (("encoder", plan.encoder), ("decoder", plan.decoder)):
-        mapped, role_unused = part.entry.hf.state_dict_from_hf(groups[role], config[role])
+        if isinstance(tensors, LazyTensors):
+            group = tensors.with_prefix(f"{role}.")
+        else:
+            group = {k[len(role) + 1:]: v for k, v in tensors.items() if k.startswith(f"{role}.")}
+        mapped, role_unused = part.entry.hf.state_dict_from_hf(group, config[role])
         state.update({f"{role}.{k}": v for k, v in mapped.items()})
         unused.extend(f"{role}.{k}" for k in role_unused)
     gen_file = folder / "generation_config.json"
