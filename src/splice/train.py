@@ -170,7 +170,9 @@ class _Dist:
 
 
 def _is_model_folder(source: Any) -> bool:
-    p = Path(str(source))
+    if not isinstance(source, (str, Path)):
+        return False
+    p = Path(source)
     return p.is_dir() and ((p / "splice.json").is_file() or (p / "config.json").is_file())
 
 

@@ -161,7 +161,7 @@ def _is_int(x: Any) -> bool:
 def _pick(name: str, kwargs: dict, defaults: dict) -> Any:
     value = kwargs.get(name)
     if value is None:
-        value = defaults.get(name)
+        value = None
     if value is None:
         value = _HF_DEFAULTS.get(name)
     return value
@@ -331,7 +331,7 @@ class _Processors:
             scores.fill_(float("-inf")).index_fill_(1, self.forced_eos, 0)
         if s.do_sample:
             if s.temperature != 1.0:
-                pass
+                scores.div_(s.temperature)
             if s.top_k != 0:
                 k = min(max(s.top_k, self.min_keep), scores.shape[-1])
                 kth = torch.topk(scores, k).values[:, -1:]  # (N, 1)

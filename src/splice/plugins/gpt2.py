@@ -24,8 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from splice import hookimpl
-from splice.core.errors import CheckpointError, ConfigError, InputError, Problem
-from splice.core.interfaces import DecoderOutput, HFInterop, LayerSpec
+from splice.core.errors import ConfigError, Problem
+from splice.core.interfaces import HFInterop
+from splice.plugins._shared import (
+    ACTIVATION_FNS, DUPLICATE, STANDARD_ONLY, NativeDecoder, Row, attention, cached_context_kv, check_heads_divide,
+    map_from_hf, map_to_hf, normal_init, split_heads,
+)
 
 __all__ = [
     "GPT2Config",
@@ -73,22 +77,11 @@ class GPT2Config(BaseModel):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "GPT2Config":
-        if self.n_embd % self.n_head:
-            divisors = [h for h in range(1, min(self.n_embd, 64) + 1) if self.n_embd % h == 0]
-            raise ValueError(
-                f"n_head={self.n_head} does not divide n_embd={self.n_embd}; expected n_embd % n_head == 0; "
-                f"fix: pick n_head among {divisors} or change n_embd to a multiple of {self.n_head}"
-            )
+        check_heads_divide("n_embd", self.n_embd, "n_head", self.n_head)
         return self
 
 
 # ---- blocks -----------------------------------------------------------------------------------------------
-
-
-def _activation(name: str):
-    if name in ("gelu_new", "gelu_pytorch_tanh"):  # the same tanh approximation
-        return lambda x: F.gelu(x, approximate="tanh")
-    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[name]
 
 
 class GPT2Attention(nn.Module):
@@ -96,7 +89,7 @@ class GPT2Attention(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, attn_pdrop: float, resid_pdrop: float, scale: float):
         super().__init__()
-        self.n_head, self.head_size = n_head, n_embd // n_head
+        self.n_head = n_head
         self.scale = scale
         self.attn_pdrop = attn_pdrop
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)
@@ -104,18 +97,9 @@ class GPT2Attention(nn.Module):
         self.resid_dropout = nn.Dropout(resid_pdrop)
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, cache: Any, layer: int) -> Tensor:
-        B, T, D = x.shape
-        q, k, v = self.c_attn(x).split(D, dim=2)  # each (B, T, D)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, L, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
-            dropout_p=self.attn_pdrop if self.training else 0.0,
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        q, k, v = (split_heads(t, self.n_head) for t in self.c_attn(x).split(x.shape[-1], dim=2))  # (B, nh, T, hs)
+        y = attention(q, k, v, mask, is_causal=is_causal, scale=self.scale, cache=cache, layer=layer,
+                      dropout_p=self.attn_pdrop if self.training else 0.0)  # (B, T, D)
         return self.resid_dropout(self.c_proj(y))  # (B, T, D)
 
 
@@ -124,7 +108,7 @@ class GPT2MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(n_embd, n_inner)
         self.c_proj = nn.Linear(n_inner, n_embd)
-        self.act = _activation(activation)
+        self.act = ACTIVATION_FNS[activation]
         self.dropout = nn.Dropout(resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -156,12 +140,7 @@ class GPT2Block(nn.Module):
     ) -> Tensor:
         x = x + self.attn(self.ln_1(x), mask, is_causal, cache, self.index)  # (B, T, D)
         if self.crossattention is not None:
-            kv = None
-            if cache is not None:
-                kv = cache.cross[self.index]
-                if kv is None and context is not None:
-                    # the context is projected once per generation, then read back at every step
-                    kv = cache.cross[self.index] = self.crossattention.context_kv(context)  # each (B, nh, N, hs)
+            kv = cached_context_kv(self.crossattention, context, cache, self.index)  # each (B, nh, N, hs) or None
             if kv is not None or context is not None:
                 x = self.crossattention(x, context=context, context_mask=context_mask, kv=kv)  # (B, T, D)
         return x + self.mlp(self.ln_2(x))  # (B, T, D)
@@ -170,10 +149,12 @@ class GPT2Block(nn.Module):
 # ---- model ------------------------------------------------------------------------------------------------
 
 
-class GPT2Decoder(nn.Module):
+class GPT2Decoder(NativeDecoder):
     """GPT2 language model with one empty cross-attention slot per layer (``TextDecoder``)."""
 
-    native_cross_attention = False
+    family = "GPT2"
+    norm_position = "pre"
+    positions_name = "n_positions"
 
     def __init__(
         self,
@@ -197,10 +178,10 @@ class GPT2Decoder(nn.Module):
         assert n_embd % n_head == 0, "GPT2Config validates this"
         self.hidden_size = n_embd
         self.vocab_size = vocab_size
-        self.max_positions = n_positions
+        self.max_positions = self.num_positions = n_positions
         self.n_head = n_head
         self.eps = layer_norm_epsilon
-        self.attn_pdrop = attn_pdrop
+        self.attn_dropout = attn_pdrop
         self.initializer_range = initializer_range
         self.tie_word_embeddings = tie_word_embeddings
 
@@ -219,138 +200,24 @@ class GPT2Decoder(nn.Module):
         self.lm_head = None if tie_word_embeddings else nn.Linear(n_embd, vocab_size, bias=False)
         self.reset_parameters()
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.h  # transformers' name, so state-dict names map one to one
+
     def reset_parameters(self) -> None:
         """transformers' init: N(0, 0.02) weights, zero biases; the residual projections scaled by 1/sqrt(2 L)."""
-        std = self.initializer_range
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                m.reset_parameters()
+        normal_init(self, self.initializer_range)
         for block in self.h:
             for proj in (block.attn.c_proj, block.mlp.c_proj):
-                nn.init.normal_(proj.weight, std=std / math.sqrt(2 * len(self.h)))
+                nn.init.normal_(proj.weight, std=self.initializer_range / math.sqrt(2 * len(self.h)))
 
-    # -- the TextDecoder slot protocol --
+    def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        # positions count from the past whatever the padding (left padding shifts them), like transformers
+        return self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, D)
 
-    def layer_specs(self) -> list[LayerSpec]:
-        return [
-            LayerSpec(index=i, width=self.hidden_size, heads=self.n_head, norm="pre", eps=self.eps, bias=True,
-                      dropout=self.attn_pdrop)
-            for i in range(len(self.h))
-        ]
-
-    def install_cross_attention(self, index: int, module: nn.Module) -> None:
-        if not 0 <= index < len(self.h):
-            raise IndexError(f"GPT2 has {len(self.h)} layers (0..{len(self.h) - 1}); cannot install at {index}")
-        self.h[index].crossattention = module
-
-    # -- forward --
-
-    def _check_inputs(self, input_ids, context, context_mask, attention_mask, cache, position_ids, past) -> None:
-        if input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise InputError(
-                f"input_ids must be integer token ids of shape (B, T); given dtype {input_ids.dtype}, "
-                f"shape {tuple(input_ids.shape)}; fix: pass a LongTensor of token ids"
-            )
-        B, T = input_ids.shape
-        if input_ids.numel():
-            lo, hi = torch.aminmax(input_ids)  # one pass over B*T ids, nothing vocabulary-sized
-            lo, hi = int(lo), int(hi)
-            if lo < 0 or hi >= self.vocab_size:
-                raise InputError(
-                    f"token ids must lie in [0, {self.vocab_size - 1}] (vocab_size={self.vocab_size}); given ids "
-                    f"from {lo} to {hi}; fix: use the tokenizer that matches this decoder, or grow vocab_size"
-                )
-        if position_ids is None and past + T > self.max_positions:
-            raise InputError(
-                f"sequence of {past + T} tokens ({past} cached + {T} new) exceeds n_positions={self.max_positions}; "
-                f"fix: truncate the input or lower max_new_tokens"
-            )
-        if position_ids is not None and position_ids.numel() and int(position_ids.max()) >= self.max_positions:
-            raise InputError(
-                f"position_ids reach {int(position_ids.max())}, but n_positions={self.max_positions}; "
-                f"fix: keep positions below {self.max_positions}"
-            )
-        if cache is not None and past + T > cache.max_len:
-            raise InputError(
-                f"the KVCache holds {cache.max_len} tokens, {past + T} were asked for; "
-                f"fix: allocate the cache with max_len >= prompt + new tokens"
-            )
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
-            raise InputError(
-                f"attention_mask must cover past + new tokens: expected shape {(B, past + T)}, "
-                f"given {tuple(attention_mask.shape)}"
-            )
-        if context is None:
-            return
-        slots = [b.crossattention for b in self.h if b.crossattention is not None]
-        if not slots:
-            raise InputError(
-                "context was given, but no GPT2 layer has cross-attention; fix: install an adapter "
-                "(cross_attention: {kind: standard} in the spec, or decoder.install_cross_attention(i, module))"
-            )
-        if context.dim() != 3 or context.shape[0] != B:
-            raise InputError(
-                f"context must have shape (B={B}, N, D_ctx); given {tuple(context.shape)}"
-            )
-        for b in self.h:
-            width = getattr(b.crossattention, "context_width", None)
-            if width is not None and context.shape[-1] != width:
-                raise InputError(
-                    f"context width {context.shape[-1]} does not match layer {b.index}'s cross-attention, which "
-                    f"expects {width}; fix: project the encoder output to {width} (projection: linear/auto)"
-                )
-        if context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
-            raise InputError(
-                f"context_mask must have shape (B, N) = {tuple(context.shape[:2])}; given {tuple(context_mask.shape)}"
-            )
-
-    @staticmethod
-    def _self_attention_mask(attention_mask: Tensor | None, past: int, T: int, device) -> tuple[Tensor | None, bool]:
-        """Boolean mask (True = attend) for the new queries over past + new keys, or ``is_causal``."""
-        if attention_mask is None:
-            if past == 0:
-                return None, True  # plain causal: the fused path
-            if T == 1:
-                return None, False  # one new token sees everything stored
-        L = past + T
-        q_pos = torch.arange(past, L, device=device)[:, None]  # (T, 1) absolute positions of the queries
-        k_pos = torch.arange(L, device=device)[None, :]  # (1, L)
-        mask = k_pos <= q_pos  # (T, L) causal, aligned to the end (is_causal would align to the start)
-        if attention_mask is not None:
-            mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, L)
-            # a padding query may have no real key before it; letting it see itself keeps its row finite
-            # (an all-False row gives NaN). Real queries are unaffected: they never see padding.
-            mask = mask | (k_pos == q_pos)  # (B, 1, T, L)
-        return mask, False
-
-    def forward(
-        self,
-        input_ids: Tensor,  # (B, T)
-        context: Tensor | None = None,  # (B, N, D_ctx)
-        context_mask: Tensor | None = None,  # (B, N) 1 = attend
-        attention_mask: Tensor | None = None,  # (B, L) 1 = real token, covers past + new
-        cache: Any = None,  # splice.core.generation.KVCache
-        position_ids: Tensor | None = None,  # (B, T) or (T,)
-    ) -> DecoderOutput:
-        past = cache.length if cache is not None else 0
-        self._check_inputs(input_ids, context, context_mask, attention_mask, cache, position_ids, past)
-        B, T = input_ids.shape
-        if position_ids is None:
-            # like transformers: positions count from the past whatever the padding (left padding shifts them)
-            position_ids = torch.arange(past, past + T, device=input_ids.device)  # (T,)
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, D)
-        mask, is_causal = self._self_attention_mask(attention_mask, past, T, input_ids.device)
-        for block in self.h:
-            x = block(x, mask, is_causal, context, context_mask, cache)  # (B, T, D)
+    def output(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self.ln_f(x)  # (B, T, D)
-        logits = F.linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
-        if cache is not None:
-            cache.advance(T)
-        return DecoderOutput(logits=logits, cache=cache, hidden_states=x)
+        return x, (F.linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x))  # (B, T, V)
 
 
 def build_gpt2(config: GPT2Config) -> GPT2Decoder:
@@ -358,9 +225,6 @@ def build_gpt2(config: GPT2Config) -> GPT2Decoder:
 
 
 # ---- transformers interop ---------------------------------------------------------------------------------
-
-_DROP_BUFFERS = ("attn.bias", "attn.masked_bias", "crossattention.bias", "crossattention.masked_bias")
-
 
 def config_from_hf(hf: dict) -> dict:
     """A transformers GPT2 ``config.json`` (dict) -> ``GPT2Config`` keyword arguments; keys we don't model drop."""
@@ -403,11 +267,11 @@ def _dims(hf_config: dict) -> tuple[int, int, int, int]:
     return D, hf_config.get("n_inner") or 4 * D, hf_config.get("vocab_size", 50257), hf_config.get("n_positions", 1024)
 
 
-def _table(hf_config: dict) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+def _table(hf_config: dict) -> dict[str, Row]:
     """HF on-disk name (no ``transformer.``) -> (HF shape, our names, op), for every tensor of this config.
 
-    ops: ``copy``; ``t`` transpose a Conv1D weight; ``split`` halve a packed K/V bias; ``split_t`` halve a packed
-    K/V Conv1D weight along its output dim and transpose both halves.
+    ops (``splice.plugins._shared``): ``copy``; ``t`` transpose a Conv1D weight; ``split`` halve a packed K/V bias;
+    ``split_t`` halve a packed K/V Conv1D weight along its output dim and transpose both halves.
     """
     D, I, V, P = _dims(hf_config)
     table = {
@@ -448,81 +312,29 @@ def _table(hf_config: dict) -> dict[str, tuple[tuple[int, ...], tuple[str, ...],
 
 
 def state_dict_from_hf(sd: dict[str, Tensor], hf_config: dict) -> tuple[dict[str, Tensor], list[str]]:
-    """transformers GPT2 tensors (``decoder.`` removed; with or without ``transformer.``) -> (ours, unused keys)."""
-    table = _table(hf_config)
+    """transformers GPT2 tensors (``decoder.`` removed; with or without ``transformer.``) -> (ours, unused keys).
+
+    Legacy buffers (``attn.bias``, ``attn.masked_bias``, ...) and anything unknown are reported unused; a tied
+    ``lm_head.weight`` (torch.save .bin files carry it) duplicates ``wte.weight`` and is passed over.
+    """
     tied = hf_config.get("tie_word_embeddings", True)
-    mapped: dict[str, Tensor] = {}
-    unused: list[str] = []
-    for key, tensor in sd.items():
-        name = key[len("transformer."):] if key.startswith("transformer.") else key
-        if name == "lm_head.weight" and tied:
-            continue  # a duplicate of wte.weight (torch.save .bin files carry it)
-        if name not in table:
-            unused.append(key)  # legacy buffers (attn.bias, attn.masked_bias, ...) and anything unknown
-            continue
-        shape, ours, op = table[name]
-        if tuple(tensor.shape) != shape:
-            raise CheckpointError(
-                f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape} from the config "
-                f"(n_embd={_dims(hf_config)[0]}, n_inner={_dims(hf_config)[1]}, vocab_size={_dims(hf_config)[2]}, "
-                f"n_positions={_dims(hf_config)[3]}); fix: load it with the config.json it was saved with"
-            )
-        if op == "copy":
-            mapped[ours[0]] = tensor
-        elif op == "t":
-            mapped[ours[0]] = tensor.t().contiguous()  # Conv1D (in, out) -> Linear (out, in)
-        elif op == "split":
-            mapped[ours[0]], mapped[ours[1]] = (t.contiguous() for t in tensor.chunk(2, dim=0))  # each (D,)
-        else:  # split_t
-            k, v = tensor.chunk(2, dim=1)  # each (D_ctx, D)
-            mapped[ours[0]], mapped[ours[1]] = k.t().contiguous(), v.t().contiguous()  # each (D, D_ctx)
-    return mapped, unused
+
+    def name_of(key: str) -> str:
+        name = key.removeprefix("transformer.")
+        return DUPLICATE if name == "lm_head.weight" and tied else name
+
+    D, I, V, P = _dims(hf_config)
+    return map_from_hf(sd, _table(hf_config), name_of, f"n_embd={D}, n_inner={I}, vocab_size={V}, n_positions={P}")
 
 
 def state_dict_to_hf(sd: dict[str, Tensor], hf_config: dict) -> dict[str, Tensor]:
     """Ours -> GPT2LMHeadModel on-disk names (``transformer.`` prefix; ``lm_head.weight`` only when untied)."""
-    out: dict[str, Tensor] = {}
-    consumed: set[str] = set()
-    for hf_name, (shape, ours, op) in _table(hf_config).items():
-        present = [o for o in ours if o in sd]
-        if not present:
-            continue  # e.g. a layer without cross-attention
-        if len(present) != len(ours):
-            missing = sorted(set(ours) - set(present))
-            raise CheckpointError(f"cannot write {hf_name!r}: it needs {list(ours)}, but {missing} are missing")
-        tensors = [sd[o] for o in ours]
-        if op == "copy":
-            t = tensors[0]
-        elif op == "t":
-            t = tensors[0].t()
-        elif op == "split":
-            t = torch.cat(tensors, dim=0)  # (2D,)
-        else:  # split_t
-            t = torch.cat([x.t() for x in tensors], dim=1)  # (D_ctx, 2D)
-        if tuple(t.shape) != shape:
-            raise CheckpointError(
-                f"tensor(s) {list(ours)} give {hf_name!r} shape {tuple(t.shape)}, expected {shape} from the config"
-            )
-        prefix = "" if hf_name == "lm_head.weight" else "transformer."
-        out[prefix + hf_name] = t.contiguous()
-        consumed.update(ours)
-    left = sorted(set(sd) - consumed)
-    if left:
-        raise CheckpointError(
-            f"{len(left)} tensor(s) have no place in transformers' GPT2 layout: {left[:8]}"
-            f"{' ...' if len(left) > 8 else ''}; fix: export only the standard cross-attention kind "
-            f"(gated or third-party modules have no transformers equivalent), or save in splice format"
-        )
-    return out
+    return map_to_hf(sd, _table(hf_config), lambda name: name if name == "lm_head.weight" else "transformer." + name,
+                     layout="GPT2", fix=STANDARD_ONLY)
 
 
-HF = HFInterop(
-    model_types=("gpt2",),
-    config_from_hf=config_from_hf,
-    state_dict_from_hf=state_dict_from_hf,
-    state_dict_to_hf=state_dict_to_hf,
-    config_to_hf=config_to_hf,
-)
+HF = HFInterop(model_types=("gpt2",), config_from_hf=config_from_hf, state_dict_from_hf=state_dict_from_hf,
+               state_dict_to_hf=state_dict_to_hf, config_to_hf=config_to_hf)
 
 
 @hookimpl

@@ -1,0 +1,356 @@
+"""What the native decoders (``gpt2``, ``bert`` and ``roberta``, ``bart``) share: mechanics, not architecture.
+
+Each decoder's own file keeps its config, blocks, embeddings, head and checkpoint table. Here is what would
+otherwise be written once per decoder:
+
+- ``NativeDecoder``: the ``TextDecoder`` forward (input checks, positions, the causal/padding mask, the KV cache's
+  bookkeeping) and the cross-attention slots, around a subclass's ``embed``, ``layers`` and ``output``;
+- ``attention`` and ``cached_context_kv``: one attention step (self-attention through the ``KVCache``), and a
+  layer's cross-attention keys/values, projected once per generation;
+- ``map_from_hf`` / ``map_to_hf``: a transformers state dict read or written through a table of names, shapes and
+  layout ops, every shape checked;
+- ``check_heads_divide``, ``ACTIVATION_FNS`` and ``normal_init`` for the configs, MLPs and initialisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from splice.core.errors import CheckpointError, InputError
+from splice.core.interfaces import DecoderOutput, LayerSpec
+
+__all__ = [
+    "ACTIVATION_FNS", "check_heads_divide", "normal_init", "split_heads", "attention", "cached_context_kv",
+    "causal_mask", "NativeDecoder", "Row", "DUPLICATE", "STANDARD_ONLY", "check_shape", "map_from_hf", "map_to_hf",
+]
+
+# ---- configs, activations, init ---------------------------------------------------------------------------
+
+ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,  # the exact (erf) GELU, transformers' "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # the same tanh approximation
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def check_heads_divide(width_name: str, width: int, heads_name: str, heads: int) -> None:
+    """A config validator's check (raises ``ValueError``): the heads split the width evenly."""
+    if width % heads:
+        divisors = [h for h in range(1, min(width, 64) + 1) if width % h == 0]
+        raise ValueError(
+            f"{heads_name}={heads} does not divide {width_name}={width}; expected {width_name} % {heads_name} == 0; "
+            f"fix: pick {heads_name} among {divisors} or change {width_name} to a multiple of {heads}"
+        )
+
+
+def normal_init(module: nn.Module, std: float) -> None:
+    """transformers' init: N(0, std) weights, zero biases and padding rows, identity LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+            if getattr(m, "padding_idx", None) is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            m.reset_parameters()
+
+
+# ---- attention --------------------------------------------------------------------------------------------
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    B, T, D = x.shape
+    return x.view(B, T, heads, D // heads).transpose(1, 2)  # (B, nh, T, hs)
+
+
+def attention(
+    q: Tensor,  # (B, nh, T, hs)
+    k: Tensor,  # (B, nh, S, hs)
+    v: Tensor,  # (B, nh, S, hs)
+    mask: Tensor | None,  # bool, True = attend, broadcast to (B, nh, T, S)
+    *,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,  # None: hs ** -0.5
+    cache: Any = None,  # a KVCache: k, v are the new tokens' and are stored after the past first
+    layer: int = 0,
+) -> Tensor:
+    """Scaled dot-product attention with the heads merged back: (B, T, nh * hs)."""
+    if cache is not None:
+        k, v = cache.update(layer, k, v)  # (B, nh, L, hs)
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p
+    )  # (B, nh, T, hs)
+    B, nh, T, hs = y.shape
+    return y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, D)
+
+
+def cached_context_kv(module: nn.Module, context: Tensor | None, cache: Any, index: int) -> Any:
+    """Layer ``index``'s cross-attention keys/values from the cache, projected there from ``context`` on the first
+    call of a generation and read back at every later step; None without a cache (the module projects the context
+    itself) or when nothing was stored and no context was given."""
+    if cache is None:
+        return None
+    kv = cache.cross[index]
+    if kv is None and context is not None:
+        kv = cache.cross[index] = module.context_kv(context)  # each (B, nh, N, hs)
+    return kv
+
+
+def causal_mask(attention_mask: Tensor | None, past: int, T: int, device) -> tuple[Tensor | None, bool]:
+    """Boolean SDPA mask (True = attend) for ``T`` new queries over ``past + T`` keys, or ``is_causal``."""
+    if attention_mask is None and past == 0:
+        return None, True  # plain causal: the fused path
+    if attention_mask is None and T == 1:
+        return None, False  # one new token sees everything stored
+    queries = torch.arange(past, past + T, device=device)[:, None]  # (T, 1) absolute positions
+    keys = torch.arange(past + T, device=device)[None, :]  # (1, L)
+    mask = keys <= queries  # (T, L) causal aligned to the end (is_causal would align to the start)
+    if attention_mask is not None:
+        # a padding query may have no real key before it: seeing itself keeps its row finite (an all-False row
+        # is NaN); real queries never see padding, so they are unaffected
+        mask = (mask & attention_mask.bool()[:, None, None, :]) | (keys == queries)  # (B, 1, T, L)
+    return mask, False
+
+
+# ---- the decoder ------------------------------------------------------------------------------------------
+
+
+class NativeDecoder(nn.Module):
+    """The ``TextDecoder`` forward and cross-attention slots of a native decoder.
+
+    A subclass builds ``layers`` (each ``layer(x, mask, is_causal, context, context_mask, cache) -> x``, with a
+    ``crossattention`` slot unless the decoder has ``native_cross_attention``), supplies ``embed`` and ``output``, and
+    sets ``hidden_size``, ``vocab_size``, ``max_positions`` (the longest sequence), ``num_positions`` (the config value
+    named ``positions_name`` that bounds explicit position ids), ``n_head``, ``eps`` and ``attn_dropout``.
+    """
+
+    family = "decoder"  # named in errors
+    native_cross_attention = False
+    norm_position: Literal["pre", "post"] = "pre"  # where each layer's norms sit, for the adapters
+    positions_name = "n_positions"
+    layerdrop = 0.0  # LayerDrop (BART): the chance, while training, that a layer is skipped
+
+    layers: nn.ModuleList
+
+    # -- what each decoder supplies --
+
+    def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """(B, T) ids and their positions -> (B, T, D), the first layer's input."""
+        raise NotImplementedError
+
+    def output(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The last layer's output (B, T, D) -> (hidden states after any final norm (B, T, D), logits (B, T, V))."""
+        raise NotImplementedError
+
+    def positions(self, input_ids: Tensor, past: int) -> Tensor:
+        """Position ids of the new tokens: ``past, past+1, ...`` for every row, padding or not (as transformers)."""
+        return torch.arange(past, past + input_ids.shape[1], device=input_ids.device)  # (T,)
+
+    # -- the TextDecoder slot protocol --
+
+    def layer_specs(self) -> list[LayerSpec]:
+        return [
+            LayerSpec(index=i, width=self.hidden_size, heads=self.n_head, norm=self.norm_position, eps=self.eps,
+                      bias=True, dropout=self.attn_dropout)
+            for i in range(len(self.layers))
+        ]
+
+    def install_cross_attention(self, index: int, module: nn.Module) -> None:
+        n = len(self.layers)
+        if not 0 <= index < n:
+            raise IndexError(f"{self.family} has {n} layers (0..{n - 1}); cannot install at {index}")
+        self.layers[index].crossattention = module
+
+    # -- forward --
+
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, T)
+        context: Tensor | None = None,  # (B, N, D_ctx)
+        context_mask: Tensor | None = None,  # (B, N) 1 = attend
+        attention_mask: Tensor | None = None,  # (B, L) 1 = real token, covers past + new
+        cache: Any = None,  # splice.core.generation.KVCache
+        position_ids: Tensor | None = None,  # (B, T) or (T,)
+    ) -> DecoderOutput:
+        past = cache.length if cache is not None else 0
+        self._check_inputs(input_ids, context, context_mask, attention_mask, cache, position_ids, past)
+        T = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = self.positions(input_ids, past)  # (T,) or (B, T)
+        x = self.embed(input_ids, position_ids)  # (B, T, D)
+        mask, is_causal = causal_mask(attention_mask, past, T, input_ids.device)
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0 and cache is None and float(torch.rand([])) < self.layerdrop:
+                continue  # LayerDrop, as transformers (training only)
+            x = layer(x, mask, is_causal, context, context_mask, cache)  # (B, T, D)
+        hidden, logits = self.output(x)  # (B, T, D), (B, T, V)
+        if cache is not None:
+            cache.advance(T)
+        return DecoderOutput(logits=logits, cache=cache, hidden_states=hidden)
+
+    # -- input checks: a user's mistake is an InputError that says what was given and the fix --
+
+    def _check_inputs(self, input_ids, context, context_mask, attention_mask, cache, position_ids, past) -> None:
+        if input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise InputError(
+                f"input_ids must be integer token ids of shape (B, T); given dtype {input_ids.dtype}, shape "
+                f"{tuple(input_ids.shape)}; fix: pass a LongTensor of token ids"
+            )
+        B, T = input_ids.shape
+        if input_ids.numel():
+            lo, hi = (int(t) for t in torch.aminmax(input_ids))  # one pass over B*T ids, nothing vocabulary-sized
+            if lo < 0 or hi >= self.vocab_size:
+                raise InputError(
+                    f"token ids must lie in [0, {self.vocab_size - 1}] (vocab_size={self.vocab_size}); given ids "
+                    f"from {lo} to {hi}; fix: use the tokenizer that matches this decoder, or grow vocab_size"
+                )
+        if position_ids is None and past + T > self.max_positions:
+            raise InputError(
+                f"sequence of {past + T} tokens ({past} cached + {T} new) exceeds {self._length_limit()}; "
+                f"fix: truncate the input or lower max_new_tokens"
+            )
+        if position_ids is not None and position_ids.numel():
+            self._check_position_ids(position_ids)
+        if cache is not None and past + T > cache.max_len:
+            raise InputError(
+                f"the KVCache holds {cache.max_len} tokens, {past + T} were asked for; "
+                f"fix: allocate the cache with max_len >= prompt + new tokens"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+            raise InputError(
+                f"attention_mask must cover past + new tokens: expected shape {(B, past + T)}, "
+                f"given {tuple(attention_mask.shape)}"
+            )
+        if context is None:
+            return
+        self._check_context(context, B)
+        if context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
+            raise InputError(
+                f"context_mask must have shape (B, N) = {tuple(context.shape[:2])}; given {tuple(context_mask.shape)}"
+            )
+
+    def _length_limit(self) -> str:
+        return f"{self.positions_name}={self.max_positions}"
+
+    def _check_position_ids(self, position_ids: Tensor) -> None:
+        if int(position_ids.max()) >= self.num_positions:
+            raise InputError(
+                f"position_ids reach {int(position_ids.max())}, but {self.positions_name}={self.num_positions}; "
+                f"fix: keep positions below {self.num_positions}"
+            )
+
+    def _check_context(self, context: Tensor, B: int) -> None:
+        """The context against the installed cross-attention slots."""
+        if all(layer.crossattention is None for layer in self.layers):
+            raise InputError(
+                f"context was given, but no {self.family} layer has cross-attention; fix: install an adapter "
+                "(cross_attention: {kind: standard} in the spec, or decoder.install_cross_attention(i, module))"
+            )
+        if context.dim() != 3 or context.shape[0] != B:
+            raise InputError(f"context must have shape (B={B}, N, D_ctx); given {tuple(context.shape)}")
+        for i, layer in enumerate(self.layers):
+            width = getattr(layer.crossattention, "context_width", None)
+            if width is not None and context.shape[-1] != width:
+                raise InputError(
+                    f"context width {context.shape[-1]} does not match layer {i}'s cross-attention, which "
+                    f"expects {width}; fix: project the encoder output to {width} (projection: linear/auto)"
+                )
+
+
+# ---- transformers checkpoints -----------------------------------------------------------------------------
+
+Row = tuple[tuple[int, ...], tuple[str, ...], str]  # (transformers shape, our names, op)
+
+# ops, transformers -> ours: ``copy``; ``t`` transpose a Conv1D weight; ``split`` halve a packed K/V bias;
+# ``split_t`` halve a packed K/V Conv1D weight along its output dim and transpose both halves
+_FROM_HF: dict[str, Callable[[Tensor], tuple[Tensor, ...]]] = {
+    "copy": lambda t: (t,),
+    "t": lambda t: (t.t().contiguous(),),  # Conv1D (in, out) -> Linear (out, in)
+    "split": lambda t: tuple(h.contiguous() for h in t.chunk(2, dim=0)),  # each (D,)
+    "split_t": lambda t: tuple(h.t().contiguous() for h in t.chunk(2, dim=1)),  # (D_ctx, 2D) -> each (D, D_ctx)
+}
+_TO_HF: dict[str, Callable[[list[Tensor]], Tensor]] = {
+    "copy": lambda ts: ts[0],
+    "t": lambda ts: ts[0].t(),
+    "split": lambda ts: torch.cat(ts, dim=0),  # (2D,)
+    "split_t": lambda ts: torch.cat([h.t() for h in ts], dim=1),  # (D_ctx, 2D)
+}
+
+DUPLICATE = "<duplicate>"  # what a ``name_of`` gives a tensor to pass over silently (a tied copy)
+STANDARD_ONLY = ("export only the standard cross-attention kind (gated or third-party modules have no transformers "
+                 "equivalent), or save in splice format")
+
+
+def check_shape(key: str, tensor: Tensor, shape: tuple[int, ...], config: str) -> None:
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(
+            f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape} from the config ({config}); "
+            f"fix: load it with the config.json it was saved with"
+        )
+
+
+def map_from_hf(
+    sd: dict[str, Tensor], table: dict[str, Row], name_of: Callable[[str], str | None], config: str
+) -> tuple[dict[str, Tensor], list[str]]:
+    """transformers tensors -> (ours, unused keys), through ``table`` (transformers name -> row).
+
+    ``name_of(key)`` is the key's name in the table (prefixes removed), ``DUPLICATE`` for a tensor to pass over,
+    or None for one to report unused, as is any name the table lacks. ``config`` (the sizes the shapes came from)
+    is quoted when a shape is off.
+    """
+    mapped: dict[str, Tensor] = {}
+    unused: list[str] = []
+    for key, tensor in sd.items():
+        name = name_of(key)
+        if name == DUPLICATE:
+            continue
+        if name not in table:
+            unused.append(key)
+            continue
+        shape, ours, op = table[name]
+        check_shape(key, tensor, shape, config)
+        mapped.update(zip(ours, _FROM_HF[op](tensor)))
+    return mapped, unused
+
+
+def map_to_hf(
+    sd: dict[str, Tensor], table: dict[str, Row], hf_key: Callable[[str], str], layout: str, fix: str,
+    required: bool = False,
+) -> dict[str, Tensor]:
+    """Ours -> transformers tensors, through ``table``; ``hf_key`` gives a table name its on-disk key.
+
+    A row none of whose tensors is in ``sd`` is left out (e.g. a layer without cross-attention) unless
+    ``required``; a tensor no row takes raises, naming the ``layout`` and the ``fix``.
+    """
+    out: dict[str, Tensor] = {}
+    consumed: set[str] = set()
+    for hf_name, (shape, ours, op) in table.items():
+        present = [o for o in ours if o in sd]
+        if not present and not required:
+            continue
+        if len(present) != len(ours):
+            missing = sorted(set(ours) - set(present))
+            raise CheckpointError(f"cannot write {hf_name!r}: it needs {list(ours)}, but {missing} are missing")
+        t = _TO_HF[op]([sd[o] for o in ours])
+        if tuple(t.shape) != shape:
+            raise CheckpointError(
+                f"tensor(s) {list(ours)} give {hf_name!r} shape {tuple(t.shape)}, expected {shape} from the config"
+            )
+        out[hf_key(hf_name)] = t.contiguous()
+        consumed.update(ours)
+    left = sorted(set(sd) - consumed)
+    if left:
+        raise CheckpointError(
+            f"{len(left)} tensor(s) have no place in transformers' {layout} layout: {left[:8]}"
+            f"{' ...' if len(left) > 8 else ''}; fix: {fix}"
+        )
+    return out
