@@ -106,3 +106,20 @@ def test_bad_sources(parts, tmp_path):
     assert any(p.path == "decoder.pretrained" for p in plan.problems)
     with pytest.raises(splice.CheckpointError, match="none of its"):
         splice.compose(_spec(str(root / "gpt2"), False))  # GPT-2 weights offered to a ViT
+
+
+def test_bart_model_file_fills_embeddings_from_shared(tmp_path):
+    """A BartModel (hub facebook/bart-*) folder: shared.weight fills the decoder embedding and the tied head,
+    which transformers' BartForCausalLM.from_pretrained leaves random; the report says so."""
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=40)
+    bart = _noisy(transformers.BartModel(cfg))
+    bart.save_pretrained(tmp_path / "bart")
+    spec = {"encoder": {"name": "vit", "config": {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3}},
+            "decoder": {"name": "bart", "pretrained": str(tmp_path / "bart")}, "tokens": {"decoder_start": 2, "pad": 1, "eos": 2}}
+    model = splice.compose(spec, seed=0)
+    assert torch.equal(model.decoder.embed_tokens.weight, bart.shared.weight)
+    assert any("shared.weight" in n and "random" in n for n in model.loading_report.notes)
+    assert any(n.startswith("decoder.encoder.") for n in model.loading_report.unused)
+    assert "note:" in str(model.loading_report)

@@ -358,21 +358,26 @@ def _rng_state(device: torch.device) -> tuple[dict, dict[str, Tensor]]:
     return meta, tensors
 
 
-def _set_rng_state(meta: dict, tensors: dict[str, Tensor], device: torch.device) -> None:
+def _set_rng_state(meta: dict, tensors: dict[str, Tensor], device: torch.device, rank: int) -> None:
+    """Python and numpy from rank 0's state; torch (and CUDA) from this rank's own, saved per process."""
     import numpy as np
 
     py = meta["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = meta["numpy"]
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(tensors["rng.torch"])
-    if device.type == "cuda" and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    mine = rank if f"rng.torch.{rank}" in tensors else 0  # a different number of processes: rank 0's
+    torch.set_rng_state(tensors[f"rng.torch.{mine}"])
+    if device.type == "cuda" and f"rng.cuda.{mine}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.{mine}"], device)
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                    device: torch.device) -> None:
-    """The model (a loadable splice folder) + optimizer, RNG and loop state, written atomically."""
+                    device: torch.device, rng_tensors: dict[str, Tensor] | None = None) -> None:
+    """The model (a loadable splice folder) + optimizer, RNG and loop state, written atomically.
+
+    ``rng_tensors``: every process's torch RNG state as ``rng.torch.RANK`` (default: this process's as rank 0).
+    """
     from safetensors.torch import save as st_save
 
     opt = optimizer.state_dict()
@@ -381,7 +386,9 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         for name, value in slots.items():
             if isinstance(value, Tensor):
                 tensors[f"optimizer.{idx}.{name}"] = value.detach().cpu().contiguous()
-    rng_meta, rng_tensors = _rng_state(device)
+    rng_meta, mine = _rng_state(device)
+    if rng_tensors is None:
+        rng_tensors = {f"{k}.0": v for k, v in mine.items()}
     tensors.update({k: v.cpu() for k, v in rng_tensors.items()})
     full = dict(state, format="splice-train", version=STATE_VERSION, rng=rng_meta,
                 param_groups=[{k: v for k, v in g.items()} for g in opt["param_groups"]])
@@ -405,7 +412,7 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict[str, Tensor]]:
 
 
 def restore_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                       device: torch.device) -> dict:
+                       device: torch.device, rank: int = 0) -> dict:
     """Weights, optimizer state and RNG from ``folder``; returns the loop state (step, samples, elapsed)."""
     import splice
 
@@ -424,7 +431,7 @@ def restore_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Op
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    _set_rng_state(state["rng"], tensors, device)
+    _set_rng_state(state["rng"], tensors, device, rank)
     return state
 
 
@@ -612,6 +619,8 @@ class _Run:
             dist.dist.barrier()  # rank 0 may have cleared an earlier run
         torch.manual_seed(cfg.seed)
         self.model = load_model(model, seed=cfg.seed).to(dist.device)
+        # the training RNG (dropout): its own stream per process
+        torch.manual_seed(cfg.seed + dist.rank)
         self.source, self.eval_source, self.reports = resolve_data(data, self.model, cfg, eval_data)
         self.device = dist.device
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -626,14 +635,23 @@ class _Run:
             with open(self.out / METRICS, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
 
-    def save(self, elapsed: float, reason: str) -> Path | None:
+    def save(self, elapsed: float, reason: str, collective: bool = True) -> Path | None:
+        """Rank 0 writes; with ``collective`` every process must call it (their RNG states are gathered)."""
+        _, mine = _rng_state(self.device)
+        mine = {k: v.cpu() for k, v in mine.items()}
+        if self.dist.on and collective:
+            gathered: list[Any] = [None] * self.dist.world
+            self.dist.dist.all_gather_object(gathered, mine)
+        else:
+            gathered = [mine] if self.main else []
         if not self.main:
             return None
+        rng = {f"{k}.{r}": v for r, g in enumerate(gathered) for k, v in g.items()}
         path = self.out / CHECKPOINT
         state = {"step": self.step, "samples": self.samples, "elapsed_s": elapsed, "world_size": self.dist.world,
                  "config": dataclasses.asdict(self.cfg), "data": self.source.describe() if hasattr(self.source, "describe") else "",
                  "reason": reason}
-        save_checkpoint(path, self.model, self.optimizer, state, self.device)
+        save_checkpoint(path, self.model, self.optimizer, state, self.device, rng)
         self.log({"event": "checkpoint", "step": self.step, "path": str(path), "reason": reason})
         return path
 
@@ -661,7 +679,7 @@ class _Run:
     def run(self) -> TrainResult:
         cfg, dist, model = self.cfg, self.dist, self.model
         if self.resume_from is not None:
-            state = restore_checkpoint(self.resume_from, model, self.optimizer, self.device)
+            state = restore_checkpoint(self.resume_from, model, self.optimizer, self.device, dist.rank)
             self.step, self.samples, self.elapsed0 = state["step"], state["samples"], state["elapsed_s"]
             _print(self.main, f"resumed from {self.resume_from} at step {self.step} ({self.samples:,} samples seen)")
         for rep in self.reports:
@@ -697,7 +715,7 @@ class _Run:
         step_time = None  # moving average of one step's seconds, for the time budget
         window_loss, window_tok, window_samples, window_t = 0.0, 0, 0, time.perf_counter()
         grad_norm = torch.zeros(())
-        stopped, updating, skipped_rows = None, False, 0
+        stopped, updating, skipped_rows, collective = None, False, 0, True
         lr = lr_at(cfg, self.step, self.progress(self.step, self.elapsed0))
         model.train()
         try:
@@ -749,7 +767,11 @@ class _Run:
 
                     dt = time.perf_counter() - t_step
                     step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
-                    loss_global = float(dist.sum(loss_sum.clone())) / max(ntok_global, 1.0)
+                    save_due = bool(cfg.save_every and self.step % cfg.save_every == 0)
+                    late = bool(cfg.save_minutes and time.perf_counter() - last_save > cfg.save_minutes * 60)
+                    post = dist.sum(torch.tensor([float(loss_sum), float(late and self.main)], dtype=torch.float64))
+                    loss_global = float(post[0]) / max(ntok_global, 1.0)
+                    save_due = save_due or bool(post[1] > 0)
                     window_loss += loss_global * ntok_global
                     window_tok += int(ntok_global)
                     window_samples += cfg.batch_size
@@ -771,9 +793,7 @@ class _Run:
                                    window_samples / max(time.perf_counter() - window_t, 1e-9))
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         self.last_eval = self.evaluate()
-                    due = (cfg.save_every and self.step % cfg.save_every == 0) or (
-                        cfg.save_minutes and time.perf_counter() - last_save > cfg.save_minutes * 60)
-                    if due and self.main:
+                    if save_due:
                         self.save(time.perf_counter() - t0, "periodic")
                         last_save = time.perf_counter()
                     for cb in self.callbacks:
@@ -784,13 +804,13 @@ class _Run:
         except KeyboardInterrupt:
             if updating:
                 raise  # stopped inside optimizer.step: the state is half-updated, nothing consistent to save
-            stopped = "interrupted"
+            stopped, collective = "interrupted", False  # this process alone: the others may be anywhere
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0
         if self.last_loss is None and window_tok:
             self.last_loss = window_loss / window_tok
-        ckpt = self.save(elapsed, stopped)
+        ckpt = self.save(elapsed, stopped, collective)
         self.log({"event": "stop", "step": self.step, "reason": stopped, "elapsed_s": elapsed})
         final = None
         if stopped != "interrupted":
@@ -799,7 +819,7 @@ class _Run:
             if cfg.save_final and self.main:
                 final = self.out / FINAL
                 model.save_pretrained(final)
-        if dist.on:
+        if dist.on and collective:
             dist.dist.barrier()
         if self.main:
             msg = {"max_steps": f"reached max_steps {cfg.max_steps}", "max_minutes": f"spent max_minutes {cfg.max_minutes}",

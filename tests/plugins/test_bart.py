@@ -51,7 +51,7 @@ def _hf_causal(seed=0, **over):
 
 def _ours(cfg: dict, sd: dict, expect_unused=()) -> B.BartDecoder:
     dec = B.build_bart(B.BartConfig(**B.config_from_hf(cfg)))
-    mapped, unused = B.state_dict_from_hf(sd, cfg)
+    mapped, unused, *_notes = B.state_dict_from_hf(sd, cfg)
     dec.load_state_dict(mapped, strict=True)
     assert sorted(unused) == sorted(expect_unused)
     return dec.eval()

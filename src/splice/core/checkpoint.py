@@ -37,6 +37,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # in the file, no place in the model
     unused: list[str] = field(default_factory=list)  # in the file, known to be unneeded (pooler, legacy buffers)
     initialised: list[str] = field(default_factory=list)  # newly initialised (e.g. new cross-attention)
+    notes: list[str] = field(default_factory=list)  # what a mapping did beyond renaming
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.source}"]
@@ -48,7 +49,15 @@ class LoadReport:
         ):
             if names:
                 lines.append(f"  {label} ({len(names)}): {', '.join(names)}")
+        lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def map_from_hf(interop, tensors, hf_config: dict) -> tuple[dict, list[str], list[str]]:
+    """``interop.state_dict_from_hf`` -> (mapped, unused, notes); the notes item is optional for plugins."""
+    out = interop.state_dict_from_hf(tensors, hf_config)
+    mapped, unused = out[0], list(out[1])
+    return mapped, unused, list(out[2]) if len(out) > 2 else []
 
 
 # -- saving ----------------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def _is_int(x: Any) -> bool:
 def _pick(name: str, kwargs: dict, defaults: dict) -> Any:
     value = kwargs.get(name)
     if value is None:
-        value = None
+        value = defaults.get(name)
     if value is None:
         value = _HF_DEFAULTS.get(name)
     return value
@@ -327,7 +327,7 @@ class _Processors:
             scores.index_fill_(1, self.eos, float("-inf"))
         if s.forced_bos is not None and cur == 1:
             scores.fill_(float("-inf"))[:, s.forced_bos] = 0
-        if self.forced_eos is not None and cur == s.max_length - 1:
+        if self.forced_eos is not None and cur == s.max_length - 2:
             scores.fill_(float("-inf")).index_fill_(1, self.forced_eos, 0)
         if s.do_sample:
             if s.temperature != 1.0:

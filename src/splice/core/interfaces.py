@@ -134,7 +134,8 @@ class HFInterop:
     arguments of the component's ``Config``. ``state_dict_from_hf(state_dict, hf_config)`` takes the
     component's tensors with the outer prefix already removed (no ``encoder.`` / ``decoder.``) and returns
     ``(mapped, unused)``: ``mapped`` keyed by the module's own ``state_dict`` names, ``unused`` the input
-    keys that have no place in the module (a pooler, legacy buffers) so loaders can report them by name.
+    keys that have no place in the module (a pooler, legacy buffers) so loaders can report them by name. It may
+    return a third item, notes for the loading report (e.g. a tensor filled from a shared one).
     ``config_to_hf(values)`` and ``state_dict_to_hf(state_dict, hf_config)`` go the other way (export, and the
     registry-wide parity tests); ``config_to_hf`` returns a transformers config dict including ``model_type``.
     """

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from splice.core.checkpoint import LoadReport, read_safetensors, read_weights
+from splice.core.checkpoint import LoadReport, map_from_hf, read_safetensors, read_weights
 from splice.core.errors import CheckpointError, ConfigError, Problem
 
 _ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin"]
@@ -76,20 +76,19 @@ def source_config(entry, source: str) -> dict | None:
 
 
 def _candidates(module, entry, tensors: dict[str, Tensor], hf_config: dict | None, values: dict):
-    """(name, mapped, unused) for each layout the tensors could be in."""
+    """(name, mapped, unused, notes) for each layout the tensors could be in."""
     own = set(module.state_dict())
-    yield "splice", {k: v for k, v in tensors.items() if k in own}, [k for k in tensors if k not in own]
+    yield "splice", {k: v for k, v in tensors.items() if k in own}, [k for k in tensors if k not in own], []
     prefixed = {f"model.{k}": v for k, v in tensors.items()}
     if any(k in own for k in prefixed):
-        yield "timm", {k: v for k, v in prefixed.items() if k in own}, [k[6:] for k in prefixed if k not in own]
+        yield "timm", {k: v for k, v in prefixed.items() if k in own}, [k[6:] for k in prefixed if k not in own], []
     if entry.hf is not None:
         cfg = hf_config
         if cfg is None and entry.hf.config_to_hf is not None:
             cfg = entry.hf.config_to_hf(values)
         if cfg is not None:
             try:
-                mapped, unused = entry.hf.state_dict_from_hf(dict(tensors), cfg)
-                yield "transformers", mapped, list(unused)
+                yield "transformers", *map_from_hf(entry.hf, dict(tensors), cfg)
             except CheckpointError:
                 pass  # not this layout
 
@@ -108,7 +107,7 @@ def load_part(model, part, *, strict: bool) -> LoadReport:
         if hf_config is not None and part.entry.hf and hf_config.get("model_type") not in part.entry.hf.model_types:
             hf_config = None
     values = part.config.model_dump()
-    layout, mapped, unused = max(_candidates(module, part.entry, tensors, hf_config, values), key=lambda c: len(c[1]))
+    layout, mapped, unused, notes = max(_candidates(module, part.entry, tensors, hf_config, values), key=lambda c: len(c[1]))
     if not mapped:
         raise CheckpointError(
             f"{where}: none of its {len(tensors)} tensors fit {part.role} {part.family!r} in splice, timm or "
@@ -128,6 +127,7 @@ def load_part(model, part, *, strict: bool) -> LoadReport:
         missing=[f"{p}.{k}" for k in missing],
         unused=sorted(f"{p}.{k}" for k in unused),
         initialised=sorted(f"{p}.{k}" for k in new),
+        notes=[f"{p}: {n}" for n in notes],
     )
     if strict and (report.missing or report.unused):
         raise CheckpointError(
@@ -159,7 +159,7 @@ def load_pretrained_parts(model, plan, *, strict: bool = False) -> LoadReport:
             continue
         r = load_part(model, part, strict=strict)
         sources.append(r.source)
-        for field in ("loaded", "missing", "unused", "initialised"):
+        for field in ("loaded", "missing", "unused", "initialised", "notes"):
             getattr(combined, field).extend(getattr(r, field))
     if model.enc_to_dec_proj is not None:
         combined.initialised.extend(f"enc_to_dec_proj.{k}" for k in model.enc_to_dec_proj.state_dict())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from splice.core.checkpoint import LazyTensors, assign_weights, lazy_weights, load_tokenizer
+from splice.core.checkpoint import LazyTensors, assign_weights, lazy_weights, load_tokenizer, map_from_hf
 from splice.core.errors import CheckpointError, ConfigError
 from splice.core.plugins import get_registry
 from splice.core.processing import ImageProcessor
@@ -74,7 +74,7 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
         raise ConfigError(plan.problems, source=f"{folder / 'config.json'} (as a splice spec)")
     model = plan.meta_model
     tensors = lazy_weights(folder)  # read one tensor at a time, so converted originals are freed as we go
-    state, unused = {}, []
+    state, unused, notes = {}, [], []
     for name in tensors:
         head = name.partition(".")[0]
         if head == "enc_to_dec_proj":
@@ -86,7 +86,8 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
             group = tensors.with_prefix(f"{role}.")
         else:
             group = {k[len(role) + 1:]: v for k, v in tensors.items() if k.startswith(f"{role}.")}
-        mapped, role_unused = part.entry.hf.state_dict_from_hf(group, config[role])
+        mapped, role_unused, role_notes = map_from_hf(part.entry.hf, group, config[role])
+        notes.extend(f"{role}: {n}" for n in role_notes)
         state.update({f"{role}.{k}": v for k, v in mapped.items()})
         unused.extend(f"{role}.{k}" for k in role_unused)
     gen_file = folder / "generation_config.json"
@@ -99,6 +100,7 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
     model.loading_report = assign_weights(
         model, state, source=str(folder), strict=strict, dtype=dtype, unused=unused, fresh=lambda: assemble(plan)
     )
+    model.loading_report.notes = notes
     model.generation_defaults = generation
     model.tokenizer = load_tokenizer(folder)
     model.image_processor = ImageProcessor.from_folder(folder)

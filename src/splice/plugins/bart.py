@@ -541,6 +541,9 @@ def state_dict_from_hf(sd: dict[str, Tensor], hf_config: dict) -> tuple[dict[str
     if shared is not None and "embed_tokens.weight" not in mapped:
         _check_shape(shared[0], shared[1], table["embed_tokens.weight"], hf_config)
         mapped["embed_tokens.weight"] = shared[1]  # decoder.embed_tokens.weight <- shared.weight
+        note = (f"embed_tokens.weight (and the tied LM head) filled from {shared[0]}: this file has no decoder "
+                "embedding of its own (transformers' BartForCausalLM.from_pretrained leaves it random here)")
+        return mapped, unused, [note]
     return mapped, unused
 
 

@@ -28,7 +28,7 @@ read as ``weight/bias``; the pooler, the next-sentence head and the ``position_i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from splice import hookimpl
-from splice.core.errors import CheckpointError, ConfigError, InputError, Problem
-from splice.core.interfaces import DecoderOutput, HFInterop, LayerSpec
+from splice.core.errors import ConfigError, Problem
+from splice.core.interfaces import HFInterop
+from splice.plugins._shared import (
+    ACTIVATION_FNS, DUPLICATE, STANDARD_ONLY, NativeDecoder, Row, attention, cached_context_kv, check_heads_divide,
+    map_from_hf, map_to_hf, normal_init, split_heads,
+)
 
 __all__ = [
     "BertConfig",
@@ -91,13 +95,7 @@ class BertConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "BertConfig":
-        if self.hidden_size % self.num_attention_heads:
-            divisors = [h for h in range(1, min(self.hidden_size, 64) + 1) if self.hidden_size % h == 0]
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}; "
-                f"expected hidden_size % num_attention_heads == 0; fix: pick num_attention_heads among {divisors} "
-                f"or change hidden_size to a multiple of {self.num_attention_heads}"
-            )
+        check_heads_divide("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
         if self.pad_token_id >= self.vocab_size:
             raise ValueError(
                 f"pad_token_id={self.pad_token_id} is outside the vocabulary (vocab_size={self.vocab_size}); "
@@ -107,15 +105,6 @@ class BertConfig(BaseModel):
 
 
 # ---- blocks -----------------------------------------------------------------------------------------------
-
-_ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu,  # the exact (erf) GELU, transformers' "gelu"
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
-
 
 class BertEmbeddings(nn.Module):
     """Word + learned position + token-type (always type 0) embeddings, then LayerNorm."""
@@ -139,7 +128,7 @@ class BertSelfAttention(nn.Module):
 
     def __init__(self, hidden_size: int, heads: int, eps: float, attn_dropout: float, hidden_dropout: float):
         super().__init__()
-        self.heads, self.head_size = heads, hidden_size // heads
+        self.heads = heads
         self.attn_dropout = attn_dropout
         self.q_proj = nn.Linear(hidden_size, hidden_size)
         self.k_proj = nn.Linear(hidden_size, hidden_size)
@@ -148,21 +137,10 @@ class BertSelfAttention(nn.Module):
         self.dropout = nn.Dropout(hidden_dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, self.heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, cache: Any, layer: int) -> Tensor:
-        B, T, D = x.shape
-        q = self._heads(self.q_proj(x))  # (B, nh, T, hs)
-        k = self._heads(self.k_proj(x))  # (B, nh, T, hs)
-        v = self._heads(self.v_proj(x))  # (B, nh, T, hs)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, L, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.attn_dropout if self.training else 0.0,
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
+        y = attention(q, k, v, mask, is_causal=is_causal, cache=cache, layer=layer,
+                      dropout_p=self.attn_dropout if self.training else 0.0)  # (B, T, D)
         return self.norm(x + self.dropout(self.o_proj(y)))  # (B, T, D)
 
 
@@ -172,7 +150,7 @@ class BertMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str, eps: float, dropout: float):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, intermediate_size)
-        self.act = _ACTIVATION_FNS[activation]
+        self.act = ACTIVATION_FNS[activation]
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
@@ -204,12 +182,7 @@ class BertLayer(nn.Module):
     ) -> Tensor:
         x = self.attention(x, mask, is_causal, cache, self.index)  # (B, T, D)
         if self.crossattention is not None:
-            kv = None
-            if cache is not None:
-                kv = cache.cross[self.index]
-                if kv is None and context is not None:
-                    # the context is projected once per generation, then read back at every step
-                    kv = cache.cross[self.index] = self.crossattention.context_kv(context)  # each (B, nh, N, hs)
+            kv = cached_context_kv(self.crossattention, context, cache, self.index)  # each (B, nh, N, hs) or None
             if kv is not None or context is not None:
                 x = self.crossattention(x, context=context, context_mask=context_mask, kv=kv)  # (B, T, D)
         return self.mlp(x)  # (B, T, D)
@@ -221,7 +194,7 @@ class BertLMHead(nn.Module):
     def __init__(self, hidden_size: int, vocab_size: int, activation: str, eps: float, tied: bool):
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
-        self.act = _ACTIVATION_FNS[activation]
+        self.act = ACTIVATION_FNS[activation]
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         self.decoder = None if tied else nn.Linear(hidden_size, vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(vocab_size))  # (V,)
@@ -232,30 +205,15 @@ class BertLMHead(nn.Module):
         return F.linear(x, weight, self.bias)  # (B, T, V)
 
 
-def causal_mask(attention_mask: Tensor | None, past: int, T: int, device) -> tuple[Tensor | None, bool]:
-    """Boolean SDPA mask (True = attend) for ``T`` new queries over ``past + T`` keys, or ``is_causal``."""
-    if attention_mask is None and past == 0:
-        return None, True  # plain causal: the fused path
-    if attention_mask is None and T == 1:
-        return None, False  # one new token sees everything stored
-    queries = torch.arange(past, past + T, device=device)[:, None]  # (T, 1) absolute positions
-    keys = torch.arange(past + T, device=device)[None, :]  # (1, L)
-    mask = keys <= queries  # (T, L) causal aligned to the end (is_causal would align to the start)
-    if attention_mask is not None:
-        # a padding query may have no real key before it: seeing itself keeps its row finite (an all-False row
-        # is NaN); real queries never see padding, so they are unaffected
-        mask = (mask & attention_mask.bool()[:, None, None, :]) | (keys == queries)  # (B, 1, T, L)
-    return mask, False
-
-
 # ---- model ------------------------------------------------------------------------------------------------
 
 
-class BertDecoder(nn.Module):
+class BertDecoder(NativeDecoder):
     """Post-LN BERT as a causal language model, one empty cross-attention slot per layer (``TextDecoder``)."""
 
-    native_cross_attention = False
     family = "BERT"
+    norm_position = "post"
+    positions_name = "max_position_embeddings"
     head_activation: str | None = None  # None: the head uses hidden_act (RoBERTa's head is always "gelu")
 
     def __init__(
@@ -302,118 +260,19 @@ class BertDecoder(nn.Module):
     def _max_tokens(max_position_embeddings: int, pad_token_id: int) -> int:
         return max_position_embeddings  # positions are 0, 1, ...
 
-    def positions(self, input_ids: Tensor, past: int) -> Tensor:
-        """Position ids of the new tokens: ``past, past+1, ...`` for every row, padding or not (as transformers)."""
-        return torch.arange(past, past + input_ids.shape[1], device=input_ids.device)  # (T,)
-
     def reset_parameters(self) -> None:
         """transformers' init: N(0, 0.02) weights, zero biases and padding row, identity LayerNorms."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=self.initializer_range)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                m.reset_parameters()
-        with torch.no_grad():
-            self.embeddings.word.weight[self.pad_token_id].zero_()
+        normal_init(self, self.initializer_range)
         nn.init.zeros_(self.head.bias)
 
-    # -- the TextDecoder slot protocol --
+    def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        return self.embeddings(input_ids, position_ids)  # (B, T, D)
 
-    def layer_specs(self) -> list[LayerSpec]:
-        return [
-            LayerSpec(index=i, width=self.hidden_size, heads=self.n_head, norm="post", eps=self.eps, bias=True,
-                      dropout=self.attn_dropout)
-            for i in range(len(self.layers))
-        ]
+    def output(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, self.head(x, self.embeddings.word.weight)  # (B, T, D), (B, T, V)
 
-    def install_cross_attention(self, index: int, module: nn.Module) -> None:
-        n = len(self.layers)
-        if not 0 <= index < n:
-            raise IndexError(f"{self.family} has {n} layers (0..{n - 1}); cannot install at {index}")
-        self.layers[index].crossattention = module
-
-    # -- forward --
-
-    def _check_inputs(self, input_ids, context, context_mask, attention_mask, cache, position_ids, past) -> None:
-        if input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise InputError(
-                f"input_ids must be integer token ids of shape (B, T); given dtype {input_ids.dtype}, shape "
-                f"{tuple(input_ids.shape)}; fix: pass a LongTensor of token ids"
-            )
-        B, T = input_ids.shape
-        if input_ids.numel():
-            lo, hi = (int(t) for t in torch.aminmax(input_ids))
-            if lo < 0 or hi >= self.vocab_size:
-                raise InputError(
-                    f"token ids must lie in [0, {self.vocab_size - 1}] (vocab_size={self.vocab_size}); given ids "
-                    f"from {lo} to {hi}; fix: use the tokenizer that matches this decoder, or grow vocab_size"
-                )
-        if position_ids is None and past + T > self.max_positions:
-            raise InputError(
-                f"sequence of {past + T} tokens ({past} cached + {T} new) exceeds the {self.max_positions} positions "
-                f"of this {self.family} (max_position_embeddings={self.num_positions}); "
-                f"fix: truncate the input or lower max_new_tokens"
-            )
-        if position_ids is not None and position_ids.numel() and int(position_ids.max()) >= self.num_positions:
-            raise InputError(
-                f"position_ids reach {int(position_ids.max())}, but max_position_embeddings={self.num_positions}; "
-                f"fix: keep positions below {self.num_positions}"
-            )
-        if cache is not None and past + T > cache.max_len:
-            raise InputError(
-                f"the KVCache holds {cache.max_len} tokens, {past + T} were asked for; "
-                f"fix: allocate the cache with max_len >= prompt + new tokens"
-            )
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
-            raise InputError(
-                f"attention_mask must cover past + new tokens: expected shape {(B, past + T)}, "
-                f"given {tuple(attention_mask.shape)}"
-            )
-        if context is None:
-            return
-        if all(layer.crossattention is None for layer in self.layers):
-            raise InputError(
-                f"context was given, but no {self.family} layer has cross-attention; fix: install an adapter "
-                "(cross_attention: {kind: standard} in the spec, or decoder.install_cross_attention(i, module))"
-            )
-        if context.dim() != 3 or context.shape[0] != B:
-            raise InputError(f"context must have shape (B={B}, N, D_ctx); given {tuple(context.shape)}")
-        for layer in self.layers:
-            width = getattr(layer.crossattention, "context_width", None)
-            if width is not None and context.shape[-1] != width:
-                raise InputError(
-                    f"context width {context.shape[-1]} does not match layer {layer.index}'s cross-attention, which "
-                    f"expects {width}; fix: project the encoder output to {width} (projection: linear/auto)"
-                )
-        if context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
-            raise InputError(
-                f"context_mask must have shape (B, N) = {tuple(context.shape[:2])}; given {tuple(context_mask.shape)}"
-            )
-
-    def forward(
-        self,
-        input_ids: Tensor,  # (B, T)
-        context: Tensor | None = None,  # (B, N, D_ctx)
-        context_mask: Tensor | None = None,  # (B, N) 1 = attend
-        attention_mask: Tensor | None = None,  # (B, L) 1 = real token, covers past + new
-        cache: Any = None,  # splice.core.generation.KVCache
-        position_ids: Tensor | None = None,  # (B, T) or (T,)
-    ) -> DecoderOutput:
-        past = cache.length if cache is not None else 0
-        self._check_inputs(input_ids, context, context_mask, attention_mask, cache, position_ids, past)
-        T = input_ids.shape[1]
-        if position_ids is None:
-            position_ids = self.positions(input_ids, past)  # (T,) or (B, T)
-        x = self.embeddings(input_ids, position_ids)  # (B, T, D)
-        mask, is_causal = causal_mask(attention_mask, past, T, input_ids.device)
-        for layer in self.layers:
-            x = layer(x, mask, is_causal, context, context_mask, cache)  # (B, T, D)
-        logits = self.head(x, self.embeddings.word.weight)  # (B, T, V)
-        if cache is not None:
-            cache.advance(T)
-        return DecoderOutput(logits=logits, cache=cache, hidden_states=x)
+    def _length_limit(self) -> str:
+        return f"the {self.max_positions} positions of this {self.family} ({self.positions_name}={self.num_positions})"
 
 
 def build_bert(config: BertConfig) -> BertDecoder:
@@ -447,8 +306,8 @@ class HFLayout:
         return {k: get(k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
                                     "max_position_embeddings", "type_vocab_size")}
 
-    def table(self, hf: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-        """HF name (head names as on disk, base names without ``prefix``) -> (HF shape, our name)."""
+    def table(self, hf: dict) -> dict[str, Row]:
+        """HF name (head names as on disk, base names without ``prefix``) -> (HF shape, (our name,), "copy")."""
         d = self.dims(hf)
         V, D, I, P, TV = d["vocab_size"], d["hidden_size"], d["intermediate_size"], d["max_position_embeddings"], \
             d["type_vocab_size"]
@@ -478,7 +337,7 @@ class HFLayout:
             table.update({f"encoder.layer.{n}.{k}": (s, f"layers.{n}.{o}") for k, (s, o) in rows.items()})
         if not hf.get("tie_word_embeddings", True):
             table[self.head_decoder + ".weight"] = ((V, D), "head.decoder.weight")
-        return table
+        return {name: (shape, (ours,), "copy") for name, (shape, ours) in table.items()}
 
     # -- the HFInterop callables --
 
@@ -514,58 +373,36 @@ class HFLayout:
         return {"model_type": self.model_type, **values, "is_decoder": True, "add_cross_attention": True}
 
     def state_dict_from_hf(self, sd: dict[str, Tensor], hf: dict) -> tuple[dict[str, Tensor], list[str]]:
-        """transformers tensors (``decoder.`` removed; with or without ``prefix``) -> (ours, unused keys)."""
-        table = self.table(hf)
+        """transformers tensors (``decoder.`` removed; with or without ``prefix``) -> (ours, unused keys).
+
+        The pooler, the next-sentence head, ``position_ids`` buffers and anything unknown are reported unused.
+        """
         tied = hf.get("tie_word_embeddings", True)
         decoder_bias = self.head_decoder + ".bias"
-        names = {key: _hf_name(key, self.prefix) for key in sd}
-        has_decoder_bias = decoder_bias in names.values()
-        mapped: dict[str, Tensor] = {}
-        unused: list[str] = []
-        for key, tensor in sd.items():
-            name = names[key]
+        has_decoder_bias = any(_hf_name(key, self.prefix) == decoder_bias for key in sd)
+
+        def name_of(key: str) -> str | None:
+            name = _hf_name(key, self.prefix)
             if tied and name.startswith(self.head_decoder + "."):
-                continue  # duplicates of the word embeddings and of the head bias (torch.save files carry them)
+                return DUPLICATE  # of the word embeddings and of the head bias (torch.save files carry them)
             if name == decoder_bias:
-                name = self.head_bias  # untied: the bias transformers 5 actually adds
-            elif name == self.head_bias and not tied and has_decoder_bias:
-                unused.append(key)  # untied in transformers 5: a parameter its forward never reads
-                continue
-            if name not in table:
-                unused.append(key)  # pooler, next-sentence head, position_ids buffers, anything unknown
-                continue
-            shape, ours = table[name]
-            if tuple(tensor.shape) != shape:
-                d = self.dims(hf)
-                raise CheckpointError(
-                    f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape} from the config "
-                    f"({', '.join(f'{k}={v}' for k, v in d.items())}); "
-                    f"fix: load it with the config.json it was saved with"
-                )
-            mapped[ours] = tensor
-        return mapped, unused
+                return self.head_bias  # untied: the bias transformers 5 actually adds
+            if name == self.head_bias and not tied and has_decoder_bias:
+                return None  # untied in transformers 5: a parameter its forward never reads
+            return name
+
+        dims = ", ".join(f"{k}={v}" for k, v in self.dims(hf).items())
+        return map_from_hf(sd, self.table(hf), name_of, dims)
 
     def state_dict_to_hf(self, sd: dict[str, Tensor], hf: dict) -> dict[str, Tensor]:
         """Ours -> the causal-LM layout (``prefix`` on base names; head names as they are)."""
-        out: dict[str, Tensor] = {}
-        for hf_name, (shape, ours) in self.table(hf).items():
-            if ours not in sd:
-                continue  # e.g. a layer without cross-attention
-            t = sd[ours]
-            if tuple(t.shape) != shape:
-                raise CheckpointError(f"tensor {ours!r} has shape {tuple(t.shape)}; {hf_name!r} needs {shape} "
-                                      f"from the config")
-            is_head = hf_name in self.head or hf_name.startswith((self.head_bias, self.head_decoder))
-            out[hf_name if is_head else self.prefix + hf_name] = t.contiguous()
-            if ours == "head.bias" and not hf.get("tie_word_embeddings", True):
-                out[self.head_decoder + ".bias"] = t.contiguous()  # untied: transformers 5 reads this copy
-        left = sorted(set(sd) - {ours for _, ours in self.table(hf).values()})
-        if left:
-            raise CheckpointError(
-                f"{len(left)} tensor(s) have no place in transformers' {self.family} layout: {left[:8]}"
-                f"{' ...' if len(left) > 8 else ''}; fix: export only the standard cross-attention kind "
-                f"(gated or third-party modules have no transformers equivalent), or save in splice format"
-            )
+        def hf_key(name: str) -> str:
+            is_head = name in self.head or name.startswith((self.head_bias, self.head_decoder))
+            return name if is_head else self.prefix + name
+
+        out = map_to_hf(sd, self.table(hf), hf_key, layout=self.family, fix=STANDARD_ONLY)
+        if "head.bias" in sd and not hf.get("tie_word_embeddings", True):
+            out[self.head_decoder + ".bias"] = sd["head.bias"].contiguous()  # untied: transformers 5 reads this copy
         return out
 
     def interop(self) -> HFInterop:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
@@ -323,8 +322,8 @@ def state_dict_from_hf(sd: dict[str, Tensor], hf_config: dict) -> tuple[dict[str
         name = key.removeprefix("transformer.")
         return DUPLICATE if name == "lm_head.weight" and tied else name
 
-    D, I, V, P = _dims(hf_config)
-    return map_from_hf(sd, _table(hf_config), name_of, f"n_embd={D}, n_inner={I}, vocab_size={V}, n_positions={P}")
+    sizes = dict(zip(("n_embd", "n_inner", "vocab_size", "n_positions"), _dims(hf_config)))
+    return map_from_hf(sd, _table(hf_config), name_of, ", ".join(f"{k}={v}" for k, v in sizes.items()))
 
 
 def state_dict_to_hf(sd: dict[str, Tensor], hf_config: dict) -> dict[str, Tensor]:
