@@ -29,5 +29,10 @@ test: $(VENV)/.test
 test-slow: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m slow
 
+# side-by-side with transformers on the same weights (needs the test extra for transformers); see docs/benchmarks.md
+bench: $(VENV)/.test
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/load.py
+
 clean:
 	rm -rf $(VENV) out .pytest_cache
