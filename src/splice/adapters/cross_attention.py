@@ -119,6 +119,10 @@ class StandardCrossAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.resid_dropout(self.o_proj(y))  # (B, T, D)
 
+    def _branch(self, y: Tensor) -> Tensor:
+        """The pre-norm attention output as it joins the residual stream: unchanged here, gated in ``gated``."""
+        return y
+
     def forward(
         self,
         hidden: Tensor,  # (B, T, D)
@@ -127,7 +131,7 @@ class StandardCrossAttention(nn.Module):
         kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         if self.norm_position == "pre":
-            return hidden + self._attend(self.norm(hidden), context, context_mask, kv)  # (B, T, D)
+            return hidden + self._branch(self._attend(self.norm(hidden), context, context_mask, kv))  # (B, T, D)
         return self.norm(hidden + self._attend(hidden, context, context_mask, kv))  # (B, T, D)
 
     def extra_repr(self) -> str:
@@ -161,14 +165,8 @@ class GatedCrossAttention(StandardCrossAttention):
         # always pre-norm whatever the family does: the gate must see the un-normalised residual stream
         return cls(spec.width, spec.heads, context_width, eps=spec.eps, bias=spec.bias, dropout=spec.dropout, **kwargs)
 
-    def forward(
-        self,
-        hidden: Tensor,  # (B, T, D)
-        context: Tensor | None = None,  # (B, N, D_ctx)
-        context_mask: Tensor | None = None,  # (B, N)
-        kv: tuple[Tensor, Tensor] | None = None,
-    ) -> Tensor:
-        return hidden + torch.tanh(self.gate) * self._attend(self.norm(hidden), context, context_mask, kv)  # (B, T, D)
+    def _branch(self, y: Tensor) -> Tensor:
+        return torch.tanh(self.gate) * y  # (B, T, D); forward is the standard kind's pre-norm path
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, context_width={self.context_width}, gated"

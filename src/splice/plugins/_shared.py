@@ -9,23 +9,25 @@ otherwise be written once per decoder:
   layer's cross-attention keys/values, projected once per generation;
 - ``map_from_hf`` / ``map_to_hf``: a transformers state dict read or written through a table of names, shapes and
   layout ops, every shape checked;
-- ``check_heads_divide``, ``ACTIVATION_FNS`` and ``normal_init`` for the configs, MLPs and initialisation.
+- ``DecoderConfig``, ``ACTIVATION_FNS`` and ``normal_init`` for the configs, MLPs and initialisation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 
 from splice.core.errors import CheckpointError, InputError
 from splice.core.interfaces import DecoderOutput, LayerSpec
 
 __all__ = [
-    "ACTIVATION_FNS", "check_heads_divide", "normal_init", "split_heads", "attention", "cached_context_kv",
-    "causal_mask", "NativeDecoder", "Row", "DUPLICATE", "STANDARD_ONLY", "check_shape", "map_from_hf", "map_to_hf",
+    "DecoderConfig", "ACTIVATION_FNS", "check_heads_divide", "normal_init", "split_heads", "attention",
+    "cached_context_kv", "causal_mask", "NativeDecoder", "Row", "DUPLICATE", "STANDARD_ONLY", "check_shape",
+    "map_from_hf", "map_to_hf",
 ]
 
 # ---- configs, activations, init ---------------------------------------------------------------------------
@@ -47,6 +49,22 @@ def check_heads_divide(width_name: str, width: int, heads_name: str, heads: int)
             f"{heads_name}={heads} does not divide {width_name}={width}; expected {width_name} % {heads_name} == 0; "
             f"fix: pick {heads_name} among {divisors} or change {width_name} to a multiple of {heads}"
         )
+
+
+class DecoderConfig(BaseModel):
+    """A native decoder's ``Config``: unknown keys are errors, and the heads divide the width.
+
+    A subclass names its two fields in ``width_and_heads``, e.g. ``("n_embd", "n_head")``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    width_and_heads: ClassVar[tuple[str, str]]
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "DecoderConfig":
+        width, heads = self.width_and_heads
+        check_heads_divide(width, getattr(self, width), heads, getattr(self, heads))
+        return self
 
 
 def normal_init(module: nn.Module, std: float) -> None:
@@ -127,10 +145,10 @@ def causal_mask(attention_mask: Tensor | None, past: int, T: int, device) -> tup
 class NativeDecoder(nn.Module):
     """The ``TextDecoder`` forward and cross-attention slots of a native decoder.
 
-    A subclass builds ``layers`` (each ``layer(x, mask, is_causal, context, context_mask, cache) -> x``, with a
-    ``crossattention`` slot unless the decoder has ``native_cross_attention``), supplies ``embed`` and ``output``, and
-    sets ``hidden_size``, ``vocab_size``, ``max_positions`` (the longest sequence), ``num_positions`` (the config value
-    named ``positions_name`` that bounds explicit position ids), ``n_head``, ``eps`` and ``attn_dropout``.
+    A subclass passes its sizes to ``__init__``, builds ``layers`` and supplies ``embed`` and ``output``. Each layer
+    is called as ``layer(x, mask, is_causal, context, context_mask, cache) -> x``: ``x`` (B, T, D); ``mask`` a bool
+    (B, 1, T, L) or (T, L), True = attend, or None with ``is_causal`` or for one new token; ``context`` (B, N, D_ctx);
+    ``context_mask`` (B, N). It has a ``crossattention`` slot unless the decoder has ``native_cross_attention``.
     """
 
     family = "decoder"  # named in errors
@@ -140,6 +158,18 @@ class NativeDecoder(nn.Module):
     layerdrop = 0.0  # LayerDrop (BART): the chance, while training, that a layer is skipped
 
     layers: nn.ModuleList
+
+    def __init__(self, *, hidden_size: int, vocab_size: int, n_head: int, max_positions: int, eps: float,
+                 attn_dropout: float, num_positions: int | None = None):
+        """``max_positions``: the longest sequence (past + new tokens); ``num_positions``: the ``positions_name``
+        config value that bounds explicit position ids (default ``max_positions``); ``n_head``, ``eps`` and
+        ``attn_dropout``: the layers' attention, as ``layer_specs`` reports it to the adapters."""
+        super().__init__()
+        assert hidden_size % n_head == 0, "the Config validates this"
+        self.hidden_size, self.vocab_size, self.n_head = hidden_size, vocab_size, n_head
+        self.max_positions = max_positions
+        self.num_positions = max_positions if num_positions is None else num_positions
+        self.eps, self.attn_dropout = eps, attn_dropout
 
     # -- what each decoder supplies --
 

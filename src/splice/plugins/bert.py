@@ -28,37 +28,22 @@ read as ``weight/bias``; the pooler, the next-sentence head and the ``position_i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from splice import hookimpl
 from splice.core.errors import ConfigError, Problem
 from splice.core.interfaces import HFInterop
-from splice.plugins._shared import (
-    ACTIVATION_FNS, DUPLICATE, STANDARD_ONLY, NativeDecoder, Row, attention, cached_context_kv, check_heads_divide,
-    map_from_hf, map_to_hf, normal_init, split_heads,
-)
+from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
+from splice.plugins._shared import DUPLICATE, STANDARD_ONLY, DecoderConfig, Row, map_from_hf, map_to_hf
 
 __all__ = [
-    "BertConfig",
-    "BertDecoder",
-    "BertEmbeddings",
-    "BertSelfAttention",
-    "BertMLP",
-    "BertLayer",
-    "BertLMHead",
-    "HFLayout",
-    "build_bert",
-    "config_from_hf",
-    "config_to_hf",
-    "state_dict_from_hf",
-    "state_dict_to_hf",
-    "HF",
-    "TINY",
+    "BertConfig", "BertDecoder", "BertEmbeddings", "BertSelfAttention", "BertMLP", "BertLayer", "BertLMHead",
+    "HFLayout", "build_bert", "config_from_hf", "config_to_hf", "state_dict_from_hf", "state_dict_to_hf", "HF", "TINY",
 ]
 
 Activation = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"]
@@ -73,10 +58,8 @@ TINY: dict[str, Any] = dict(
 # ---- config -----------------------------------------------------------------------------------------------
 
 
-class BertConfig(BaseModel):
+class BertConfig(DecoderConfig):
     """BERT's hyper-parameters, named and defaulted as in transformers' ``BertConfig``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     vocab_size: int = Field(30522, gt=0)
     hidden_size: int = Field(768, gt=0, description="hidden width D")
@@ -93,9 +76,10 @@ class BertConfig(BaseModel):
     pad_token_id: int = Field(0, ge=0)
     tie_word_embeddings: bool = True
 
+    width_and_heads = ("hidden_size", "num_attention_heads")
+
     @model_validator(mode="after")
     def _check(self) -> "BertConfig":
-        check_heads_divide("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
         if self.pad_token_id >= self.vocab_size:
             raise ValueError(
                 f"pad_token_id={self.pad_token_id} is outside the vocabulary (vocab_size={self.vocab_size}); "
@@ -171,15 +155,9 @@ class BertLayer(nn.Module):
         self.register_module("crossattention", None)
         self.mlp = BertMLP(hidden_size, intermediate_size, activation, eps, hidden_dropout)
 
-    def forward(
-        self,
-        x: Tensor,  # (B, T, D)
-        mask: Tensor | None,  # (B, 1, T, L) / (T, L) bool, True = attend; None with is_causal or one new token
-        is_causal: bool,
-        context: Tensor | None,  # (B, N, D_ctx)
-        context_mask: Tensor | None,  # (B, N)
-        cache: Any,
-    ) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, context: Tensor | None,
+                context_mask: Tensor | None, cache: Any) -> Tensor:
+        """One layer: shapes and the mask as ``NativeDecoder`` describes them."""
         x = self.attention(x, mask, is_causal, cache, self.index)  # (B, T, D)
         if self.crossattention is not None:
             kv = cached_context_kv(self.crossattention, context, cache, self.index)  # each (B, nh, N, hs) or None
@@ -218,31 +196,18 @@ class BertDecoder(NativeDecoder):
 
     def __init__(
         self,
-        vocab_size: int = 30522,
-        hidden_size: int = 768,
-        num_hidden_layers: int = 12,
-        num_attention_heads: int = 12,
-        intermediate_size: int = 3072,
-        hidden_act: str = "gelu",
-        hidden_dropout_prob: float = 0.1,
-        attention_probs_dropout_prob: float = 0.1,
-        max_position_embeddings: int = 512,
-        type_vocab_size: int = 2,
-        initializer_range: float = 0.02,
-        layer_norm_eps: float = 1e-12,
-        pad_token_id: int = 0,
+        vocab_size: int = 30522, hidden_size: int = 768, num_hidden_layers: int = 12, num_attention_heads: int = 12,
+        intermediate_size: int = 3072, hidden_act: str = "gelu", hidden_dropout_prob: float = 0.1,
+        attention_probs_dropout_prob: float = 0.1, max_position_embeddings: int = 512, type_vocab_size: int = 2,
+        initializer_range: float = 0.02, layer_norm_eps: float = 1e-12, pad_token_id: int = 0,
         tie_word_embeddings: bool = True,
     ):
-        super().__init__()
-        assert hidden_size % num_attention_heads == 0, "the Config validates this"
-        self.hidden_size = hidden_size
-        self.vocab_size = vocab_size
-        self.num_positions = max_position_embeddings  # rows of the position table
-        self.max_positions = self._max_tokens(max_position_embeddings, pad_token_id)  # longest sequence
+        super().__init__(
+            hidden_size=hidden_size, vocab_size=vocab_size, n_head=num_attention_heads, eps=layer_norm_eps,
+            attn_dropout=attention_probs_dropout_prob, num_positions=max_position_embeddings,  # rows of the table
+            max_positions=self._max_tokens(max_position_embeddings, pad_token_id),  # the longest sequence
+        )
         self.pad_token_id = pad_token_id
-        self.n_head = num_attention_heads
-        self.eps = layer_norm_eps
-        self.attn_dropout = attention_probs_dropout_prob
         self.initializer_range = initializer_range
 
         self.embeddings = BertEmbeddings(vocab_size, hidden_size, max_position_embeddings, type_vocab_size,
@@ -286,19 +251,26 @@ def build_bert(config: BertConfig) -> BertDecoder:
 class HFLayout:
     """Where a BERT-family checkpoint keeps its tensors, and how its config differs from ours.
 
-    ``prefix`` is the base model's name inside a head model (``bert.``); ``head`` maps the head's HF names to ours;
-    ``head_bias`` / ``head_decoder`` are the logits bias and the (usually tied) output projection.
+    ``prefix`` is the base model's name inside a head model (``bert.``); ``head_dense`` / ``head_norm`` are the head's
+    dense layer and LayerNorm, ``head_bias`` / ``head_decoder`` its logits bias and (usually tied) output projection.
     """
 
     family: str
     model_type: str
     prefix: str
-    head: dict[str, str]
+    head_dense: str
+    head_norm: str
     head_bias: str
     head_decoder: str
     config_cls: type[BertConfig]
     hf_defaults: dict[str, Any] = field(default_factory=dict)  # transformers' defaults where ours differ
     unused: tuple[str, ...] = ("pooler.",)  # name prefixes (after ``prefix``) that have no place in a decoder
+
+    @property
+    def head(self) -> dict[str, str]:
+        """The head's dense and norm tensors: HF name -> ours."""
+        return {f"{hf}.{p}": f"head.{ours}.{p}" for hf, ours in ((self.head_dense, "dense"), (self.head_norm, "norm"))
+                for p in ("weight", "bias")}
 
     def dims(self, hf: dict) -> dict[str, int]:
         base = self.config_cls()
@@ -410,6 +382,11 @@ class HFLayout:
                          state_dict_from_hf=self.state_dict_from_hf, state_dict_to_hf=self.state_dict_to_hf,
                          config_to_hf=self.config_to_hf)
 
+    def exports(self) -> tuple[Callable, Callable, Callable, Callable, HFInterop]:
+        """What a BERT-family plugin module exports: ``config_from_hf, config_to_hf, state_dict_from_hf,
+        state_dict_to_hf, HF``."""
+        return self.config_from_hf, self.config_to_hf, self.state_dict_from_hf, self.state_dict_to_hf, self.interop()
+
 
 def _hf_name(key: str, prefix: str) -> str:
     """Strip the base model's prefix; read old files' ``LayerNorm.gamma/beta`` as ``weight/bias``."""
@@ -421,26 +398,10 @@ def _hf_name(key: str, prefix: str) -> str:
     return name
 
 
-LAYOUT = HFLayout(
-    family="BERT",
-    model_type="bert",
-    prefix="bert.",
-    head={
-        "cls.predictions.transform.dense.weight": "head.dense.weight",
-        "cls.predictions.transform.dense.bias": "head.dense.bias",
-        "cls.predictions.transform.LayerNorm.weight": "head.norm.weight",
-        "cls.predictions.transform.LayerNorm.bias": "head.norm.bias",
-    },
-    head_bias="cls.predictions.bias",
-    head_decoder="cls.predictions.decoder",
-    config_cls=BertConfig,
-)
-
-config_from_hf = LAYOUT.config_from_hf
-config_to_hf = LAYOUT.config_to_hf
-state_dict_from_hf = LAYOUT.state_dict_from_hf
-state_dict_to_hf = LAYOUT.state_dict_to_hf
-HF = LAYOUT.interop()
+LAYOUT = HFLayout(family="BERT", model_type="bert", prefix="bert.", config_cls=BertConfig,
+                  head_dense="cls.predictions.transform.dense", head_norm="cls.predictions.transform.LayerNorm",
+                  head_bias="cls.predictions.bias", head_decoder="cls.predictions.decoder")
+config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf, HF = LAYOUT.exports()
 
 
 @hookimpl

@@ -19,29 +19,18 @@ import math
 from typing import Any, Literal
 
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from splice import hookimpl
 from splice.core.errors import ConfigError, Problem
 from splice.core.interfaces import HFInterop
-from splice.plugins._shared import (
-    ACTIVATION_FNS, DUPLICATE, STANDARD_ONLY, NativeDecoder, Row, attention, cached_context_kv, check_heads_divide,
-    map_from_hf, map_to_hf, normal_init, split_heads,
-)
+from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
+from splice.plugins._shared import DUPLICATE, STANDARD_ONLY, DecoderConfig, Row, map_from_hf, map_to_hf
 
 __all__ = [
-    "GPT2Config",
-    "GPT2Decoder",
-    "GPT2Block",
-    "GPT2Attention",
-    "GPT2MLP",
-    "build_gpt2",
-    "config_from_hf",
-    "state_dict_from_hf",
-    "state_dict_to_hf",
-    "HF",
-    "TINY",
+    "GPT2Config", "GPT2Decoder", "GPT2Block", "GPT2Attention", "GPT2MLP", "build_gpt2", "config_from_hf",
+    "state_dict_from_hf", "state_dict_to_hf", "HF", "TINY",
 ]
 
 Activation = Literal["gelu_new", "gelu", "relu", "gelu_pytorch_tanh", "silu"]
@@ -53,10 +42,8 @@ TINY: dict[str, Any] = dict(vocab_size=99, n_positions=64, n_embd=32, n_layer=2,
 # ---- config -----------------------------------------------------------------------------------------------
 
 
-class GPT2Config(BaseModel):
+class GPT2Config(DecoderConfig):
     """GPT2's hyper-parameters, named and defaulted as in transformers' ``GPT2Config``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     vocab_size: int = Field(50257, gt=0)
     n_positions: int = Field(1024, gt=0, description="longest sequence (past + new tokens) the model can read")
@@ -74,10 +61,7 @@ class GPT2Config(BaseModel):
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
 
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> "GPT2Config":
-        check_heads_divide("n_embd", self.n_embd, "n_head", self.n_head)
-        return self
+    width_and_heads = ("n_embd", "n_head")
 
 
 # ---- blocks -----------------------------------------------------------------------------------------------
@@ -128,15 +112,9 @@ class GPT2Block(nn.Module):
         # the slot an adapter fills; a registered child, so its parameters are h.N.crossattention.*
         self.register_module("crossattention", None)
 
-    def forward(
-        self,
-        x: Tensor,  # (B, T, D)
-        mask: Tensor | None,  # (B, 1, T, L) / (T, L) bool, True = attend; None with is_causal or one new token
-        is_causal: bool,
-        context: Tensor | None,  # (B, N, D_ctx)
-        context_mask: Tensor | None,  # (B, N)
-        cache: Any,
-    ) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, context: Tensor | None,
+                context_mask: Tensor | None, cache: Any) -> Tensor:
+        """One layer: shapes and the mask as ``NativeDecoder`` describes them."""
         x = x + self.attn(self.ln_1(x), mask, is_causal, cache, self.index)  # (B, T, D)
         if self.crossattention is not None:
             kv = cached_context_kv(self.crossattention, context, cache, self.index)  # each (B, nh, N, hs) or None
@@ -157,30 +135,14 @@ class GPT2Decoder(NativeDecoder):
 
     def __init__(
         self,
-        vocab_size: int = 50257,
-        n_positions: int = 1024,
-        n_embd: int = 768,
-        n_layer: int = 12,
-        n_head: int = 12,
-        n_inner: int | None = None,
-        activation_function: str = "gelu_new",
-        layer_norm_epsilon: float = 1e-5,
-        resid_pdrop: float = 0.1,
-        embd_pdrop: float = 0.1,
-        attn_pdrop: float = 0.1,
-        initializer_range: float = 0.02,
-        tie_word_embeddings: bool = True,
-        scale_attn_weights: bool = True,
+        vocab_size: int = 50257, n_positions: int = 1024, n_embd: int = 768, n_layer: int = 12, n_head: int = 12,
+        n_inner: int | None = None, activation_function: str = "gelu_new", layer_norm_epsilon: float = 1e-5,
+        resid_pdrop: float = 0.1, embd_pdrop: float = 0.1, attn_pdrop: float = 0.1, initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True, scale_attn_weights: bool = True,
         scale_attn_by_inverse_layer_idx: bool = False,
     ):
-        super().__init__()
-        assert n_embd % n_head == 0, "GPT2Config validates this"
-        self.hidden_size = n_embd
-        self.vocab_size = vocab_size
-        self.max_positions = self.num_positions = n_positions
-        self.n_head = n_head
-        self.eps = layer_norm_epsilon
-        self.attn_dropout = attn_pdrop
+        super().__init__(hidden_size=n_embd, vocab_size=vocab_size, n_head=n_head, max_positions=n_positions,
+                         eps=layer_norm_epsilon, attn_dropout=attn_pdrop)
         self.initializer_range = initializer_range
         self.tie_word_embeddings = tie_word_embeddings
 

@@ -24,17 +24,8 @@ from torch import Tensor
 from splice import hookimpl
 from splice.plugins.bert import BertConfig, BertDecoder, HFLayout
 
-__all__ = [
-    "RobertaConfig",
-    "RobertaDecoder",
-    "build_roberta",
-    "config_from_hf",
-    "config_to_hf",
-    "state_dict_from_hf",
-    "state_dict_to_hf",
-    "HF",
-    "TINY",
-]
+__all__ = ["RobertaConfig", "RobertaDecoder", "build_roberta", "config_from_hf", "config_to_hf", "state_dict_from_hf",
+           "state_dict_to_hf", "HF", "TINY"]
 
 TINY: dict[str, Any] = dict(
     vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -87,28 +78,14 @@ def build_roberta(config: RobertaConfig) -> RobertaDecoder:
 
 
 LAYOUT = HFLayout(
-    family="RoBERTa",
-    model_type="roberta",
-    prefix="roberta.",
-    head={
-        "lm_head.dense.weight": "head.dense.weight",
-        "lm_head.dense.bias": "head.dense.bias",
-        "lm_head.layer_norm.weight": "head.norm.weight",
-        "lm_head.layer_norm.bias": "head.norm.bias",
-    },
-    head_bias="lm_head.bias",
+    family="RoBERTa", model_type="roberta", prefix="roberta.", config_cls=RobertaConfig,
+    head_dense="lm_head.dense", head_norm="lm_head.layer_norm", head_bias="lm_head.bias",
     head_decoder="lm_head.decoder",
-    config_cls=RobertaConfig,
     # transformers' RobertaConfig defaults (BERT's), used when a config.json leaves a key out
     hf_defaults=dict(vocab_size=50265, max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
                      pad_token_id=1),
 )
-
-config_from_hf = LAYOUT.config_from_hf
-config_to_hf = LAYOUT.config_to_hf
-state_dict_from_hf = LAYOUT.state_dict_from_hf
-state_dict_to_hf = LAYOUT.state_dict_to_hf
-HF = LAYOUT.interop()
+config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf, HF = LAYOUT.exports()
 
 
 @hookimpl

@@ -162,35 +162,41 @@ def _check_heads(width: int, heads: int, where: str = "") -> None:
         )
 
 
+def _checked_against(other: str, check: Callable[[Any, Any], None]) -> Callable[..., Any]:
+    """A field validator: ``check(<the other field>, value)``, once ``other`` has itself validated."""
+
+    def validate(cls, v: Any, info: ValidationInfo) -> Any:
+        if other in info.data:
+            check(info.data[other], v)
+        return v
+
+    return validate
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _PatchTransformer(_Strict):
-    """The fields every ViT-like family shares; defaults are ViT-B/16 at 224 px."""
+class _Patches(_Strict):
+    """The fields every patch-embedding family (ViT-like and Swin) starts with: the image, its patches, the width."""
 
     img_size: PositiveInt = 224
     patch_size: PositiveInt = 16
     in_chans: PositiveInt = 3
     embed_dim: PositiveInt = 768
+
+    _patch_fits = field_validator("patch_size")(_checked_against("img_size", _check_patch))
+
+
+class _PatchTransformer(_Patches):
+    """The fields every ViT-like family shares; defaults are ViT-B/16 at 224 px."""
+
     depth: PositiveInt = 12
     num_heads: PositiveInt = 12
     mlp_ratio: PositiveFloat = 4.0
     layer_norm_eps: PositiveFloat = 1e-6  # timm's; transformers' ViT and BEiT use 1e-12 (read from config.json)
 
-    @field_validator("patch_size")
-    @classmethod
-    def _patch_fits(cls, v: int, info: ValidationInfo) -> int:
-        if "img_size" in info.data:
-            _check_patch(info.data["img_size"], v)
-        return v
-
-    @field_validator("num_heads")
-    @classmethod
-    def _heads_fit(cls, v: int, info: ValidationInfo) -> int:
-        if "embed_dim" in info.data:
-            _check_heads(info.data["embed_dim"], v)
-        return v
+    _heads_fit = field_validator("num_heads")(_checked_against("embed_dim", _check_heads))
 
 
 class ViTConfig(_PatchTransformer):
@@ -232,12 +238,10 @@ class BEiTConfig(_PatchTransformer):
     use_mean_pooling: bool = True  # True: no final norm on the tokens (it sits after pooling, as fc_norm)
 
 
-class SwinConfig(_Strict):
+class SwinConfig(_Patches):
     """Swin Transformer (timm ``swin_base_patch4_window7_224`` by default)."""
 
-    img_size: PositiveInt = 224
     patch_size: PositiveInt = 4
-    in_chans: PositiveInt = 3
     embed_dim: PositiveInt = 128
     depths: tuple[PositiveInt, ...] = Field(default=(2, 2, 18, 2), min_length=1)
     num_heads: tuple[PositiveInt, ...] = Field(default=(4, 8, 16, 32), min_length=1)
@@ -245,13 +249,6 @@ class SwinConfig(_Strict):
     mlp_ratio: PositiveFloat = 4.0
     qkv_bias: bool = True
     layer_norm_eps: PositiveFloat = 1e-5
-
-    @field_validator("patch_size")
-    @classmethod
-    def _patch_fits(cls, v: int, info: ValidationInfo) -> int:
-        if "img_size" in info.data:
-            _check_patch(info.data["img_size"], v)
-        return v
 
     @field_validator("depths")
     @classmethod
@@ -338,17 +335,21 @@ def _norm(eps: float) -> Callable[..., nn.Module]:
     return functools.partial(nn.LayerNorm, eps=eps)
 
 
-def _vit_kwargs(cfg: _PatchTransformer) -> dict[str, Any]:
+def _patch_kwargs(cfg: _PatchTransformer | SwinConfig) -> dict[str, Any]:
+    """timm's arguments for the fields ViT-like families and Swin share."""
     return dict(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
         in_chans=cfg.in_chans,
         embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
         num_heads=cfg.num_heads,
         mlp_ratio=cfg.mlp_ratio,
         norm_layer=_norm(cfg.layer_norm_eps),
     )
+
+
+def _vit_kwargs(cfg: _PatchTransformer) -> dict[str, Any]:
+    return dict(_patch_kwargs(cfg), depth=cfg.depth)
 
 
 def _wrap(model: nn.Module, cfg: Any, hidden_size: int, **kw: Any) -> TimmEncoder:
@@ -409,16 +410,10 @@ def build_beit(cfg: BEiTConfig) -> TimmEncoder:
 def build_swin(cfg: SwinConfig) -> TimmEncoder:
     model = _create(
         "swin_base_patch4_window7_224",
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim,
         depths=cfg.depths,
-        num_heads=cfg.num_heads,
         window_size=cfg.window_size,
-        mlp_ratio=cfg.mlp_ratio,
         qkv_bias=cfg.qkv_bias,
-        norm_layer=_norm(cfg.layer_norm_eps),
+        **_patch_kwargs(cfg),
     )
     return _wrap(model, cfg, cfg.embed_dim * 2 ** (len(cfg.depths) - 1), channels_last=True)
 
@@ -552,20 +547,17 @@ def _swin_config_to_hf(v: dict) -> dict:
 
 # transformers-5 in-memory names (and save_original_format=False files) -> the on-disk names; first match wins.
 _V5_TO_DISK = [
-    (r"^layers\.(\d+)\.attention\.q_proj\.", r"encoder.layer.\1.attention.attention.query."),
-    (r"^layers\.(\d+)\.attention\.k_proj\.", r"encoder.layer.\1.attention.attention.key."),
-    (r"^layers\.(\d+)\.attention\.v_proj\.", r"encoder.layer.\1.attention.attention.value."),
-    (r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
+    *((rf"^layers\.(\d+)\.attention\.{v5}\.", rf"encoder.layer.\1.attention.{disk}.") for v5, disk in (
+        ("q_proj", "attention.query"), ("k_proj", "attention.key"), ("v_proj", "attention.value"),
+        ("o_proj", "output.dense"))),
     (r"^layers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
     (r"^layers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
     (r"^layers\.(\d+)\.relative_position_bias\.", r"encoder.layer.\1.attention.attention.relative_position_bias."),
     (r"^layers\.(\d+)\.", r"encoder.layer.\1."),  # layernorm_before/after, lambda_1/2
     (r"^shared_position_bias\.", "encoder.relative_position_bias."),
-    (r"^(encoder\.layers\.\d+\.blocks\.\d+\.attention)\.q_proj\.", r"\1.self.query."),
-    (r"^(encoder\.layers\.\d+\.blocks\.\d+\.attention)\.k_proj\.", r"\1.self.key."),
-    (r"^(encoder\.layers\.\d+\.blocks\.\d+\.attention)\.v_proj\.", r"\1.self.value."),
-    (r"^(encoder\.layers\.\d+\.blocks\.\d+\.attention)\.o_proj\.", r"\1.output.dense."),
-    (r"^(encoder\.layers\.\d+\.blocks\.\d+\.attention)\.relative_position_bias\.", r"\1.self."),
+    *((rf"^(encoder\.layers\.\d+\.blocks\.\d+\.attention)\.{v5}\.", rf"\1.{disk}.") for v5, disk in (
+        ("q_proj", "self.query"), ("k_proj", "self.key"), ("v_proj", "self.value"), ("o_proj", "output.dense"),
+        ("relative_position_bias", "self"))),
     (r"^(encoder\.layers\.\d+\.blocks\.\d+)\.mlp\.fc1\.", r"\1.intermediate.dense."),
     (r"^(encoder\.layers\.\d+\.blocks\.\d+)\.mlp\.fc2\.", r"\1.output.dense."),
 ]
