@@ -4,6 +4,8 @@ For every registered decoder that can describe itself to transformers, transform
 VisionEncoderDecoderModel (ViT + that decoder with cross-attention, a 24-token vocabulary, weights perturbed so
 captions depend on the image), saves it, and ``splice.load`` reads the folder. The end-of-sequence token is
 picked from what the model actually generates, so that sequences end at different steps and padding shows.
+Every decoder runs the core checks (greedy, beams, processors, prompts, encoder outputs, sampling); the option
+matrices run on GPT2 only, since the search loops do not depend on the decoder.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ DECODERS = [
     if e.hf is not None and getattr(e.hf, "config_to_hf", None) is not None and e.tiny is not None
 ]
 assert "gpt2" in DECODERS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine the thread hand-offs dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _perturb(model, seed, scale):
@@ -160,7 +171,8 @@ def test_encoder_outputs_reuse(pair):
     got = pair.ours.generate(encoder_outputs=enc, max_new_tokens=8, num_beams=2)
     assert got.tolist() == want.tolist()
     assert pair.ours.generate(pair.px, max_new_tokens=8, num_beams=2).tolist() == got.tolist()
-    assert pair.ours.generate(encoder_outputs=enc.last_hidden_state, max_new_tokens=8, num_beams=2).tolist() == got.tolist()
+    again = pair.ours.generate(encoder_outputs=enc.last_hidden_state, max_new_tokens=8, num_beams=2)
+    assert again.tolist() == got.tolist()
 
 
 def test_sampling_matches_transformers_under_the_same_seed(pair):
@@ -177,6 +189,7 @@ def test_sampling_matches_transformers_under_the_same_seed(pair):
 # ---- option matrices (GPT2) -------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default")
 def test_default_length_is_20_new_tokens(gpt2):
     got = _both(gpt2, eos_token_id=[])
     assert got.shape == (5, 21)
@@ -204,6 +217,25 @@ def test_beam_search_options_match_transformers(gpt2, length_penalty, early_stop
 def test_beam_search_finishes_hypotheses(gpt2):
     got = _both(gpt2, max_new_tokens=10, num_beams=4, num_return_sequences=4)
     assert any(e is not None for e in _end_steps(got, [gpt2.eos[0]]))
+
+
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+def test_beam_search_stops_when_transformers_does(gpt2, monkeypatch, early_stopping):
+    """Same decoder steps as transformers: the loop ends as soon as no hypothesis can change."""
+    steps = collections.Counter()
+    for side, module in (("hf", gpt2.hf.decoder), ("ours", gpt2.ours.decoder)):
+        def counting(*a, _side=side, _forward=module.forward, **k):
+            steps[_side] += 1
+            return _forward(*a, **k)
+
+        monkeypatch.setattr(module, "forward", counting)
+    px = gpt2.px[[0, 1, 3]]  # images whose beams all finish early
+    with torch.no_grad():
+        want = gpt2.hf.generate(pixel_values=px, max_new_tokens=14, num_beams=3, early_stopping=early_stopping)
+    got = gpt2.ours.generate(px, max_new_tokens=14, num_beams=3, early_stopping=early_stopping)
+    assert got.tolist() == want.tolist()
+    assert steps["ours"] == steps["hf"], dict(steps)
+    assert steps["ours"] < 14 or early_stopping == "never", dict(steps)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -330,6 +362,8 @@ def test_generation_config_json_is_honoured(gpt2, tmp_path):
     (dict(decoder_input_ids=torch.ones(2, 3, dtype=torch.long)), "decoder_input_ids"),
     (dict(num_beam=3), "num_beams"),  # a typo: did you mean
     (dict(forced_eos_token_id=[]), "forced_eos_token_id"),
+    (dict(max_new_tokens=500), "max_new_tokens"),  # beyond the decoder's positions: caught before decoding
+    (dict(max_length=500), "max_length"),
 ])
 def test_bad_arguments_raise_input_error(gpt2, kwargs, word):
     with pytest.raises(InputError) as info:

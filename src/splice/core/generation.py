@@ -26,7 +26,7 @@ from torch import Tensor
 
 from splice.core.errors import InputError, Problem
 
-__all__ = ["KVCache", "GenerationSettings", "generate", "resolve_settings"]
+__all__ = ["GenerationSettings", "KVCache", "generate", "resolve_settings"]
 
 _NEG = -1.0e9  # transformers' "impossible" beam score
 
@@ -145,6 +145,7 @@ class GenerationSettings:
     eos: list[int]  # empty: no end-of-sequence token, every sequence runs to max_length
     pad: int | None
     prompt_len: int
+    length_from: str = "max_length"  # which argument set max_length: max_new_tokens, max_length, or default
     forced_bos: int | None = None  # the token forced right after a one-token prompt (mBART-style language ids)
     forced_eos: list[int] | None = None  # the token(s) forced as the last one when max_length is reached
 
@@ -175,6 +176,7 @@ def resolve_settings(model, kwargs: dict[str, Any], prompt_len: int) -> Generati
 
     # lengths: explicit max_new_tokens > explicit max_length > the same two from the defaults > 20 new tokens
     max_new = max_len = None
+    length_from = "default"
     for source in (kwargs, defaults):
         if source.get("max_new_tokens") is not None:
             max_new = source["max_new_tokens"]
@@ -183,10 +185,12 @@ def resolve_settings(model, kwargs: dict[str, Any], prompt_len: int) -> Generati
             max_len = source["max_length"]
             break
     if max_new is not None:
+        length_from = "max_new_tokens"
         if not _is_int(max_new) or max_new <= 0:
             raise _bad("max_new_tokens", max_new, "an integer >= 1", "ask for at least one new token")
         max_len = prompt_len + max_new
     elif max_len is not None:
+        length_from = "max_length"
         if not _is_int(max_len) or max_len <= prompt_len:
             raise _bad("max_length", max_len, f"an integer > the decoder prompt length ({prompt_len})",
                        "max_length counts the prompt too; raise it, or pass max_new_tokens instead")
@@ -271,7 +275,8 @@ def resolve_settings(model, kwargs: dict[str, Any], prompt_len: int) -> Generati
     forced_eos = _pick("forced_eos_token_id", kwargs, defaults)
     if forced_eos is not None:
         forced_eos = [forced_eos] if _is_int(forced_eos) else forced_eos
-        if not isinstance(forced_eos, (list, tuple)) or not forced_eos or not all(_is_int(e) and e >= 0 for e in forced_eos):
+        valid = isinstance(forced_eos, (list, tuple)) and forced_eos and all(_is_int(e) and e >= 0 for e in forced_eos)
+        if not valid:
             raise _bad("forced_eos_token_id", forced_eos, "a token id >= 0 or a non-empty list of them",
                        "pass the id(s), or leave it None")
         forced_eos = list(forced_eos)
@@ -281,7 +286,7 @@ def resolve_settings(model, kwargs: dict[str, Any], prompt_len: int) -> Generati
         do_sample=do_sample, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
         length_penalty=float(length_penalty), early_stopping=early_stopping, no_repeat_ngram_size=ngram,
         repetition_penalty=float(rep), eos=eos_list, pad=pad, prompt_len=prompt_len, forced_bos=forced_bos,
-        forced_eos=forced_eos,
+        forced_eos=forced_eos, length_from=length_from,
     )
 
 
@@ -327,7 +332,7 @@ class _Processors:
             scores.index_fill_(1, self.eos, float("-inf"))
         if s.forced_bos is not None and cur == 1:
             scores.fill_(float("-inf"))[:, s.forced_bos] = 0
-        if self.forced_eos is not None and cur == s.max_length - 2:
+        if self.forced_eos is not None and cur == s.max_length - 1:
             scores.fill_(float("-inf")).index_fill_(1, self.forced_eos, 0)
         if s.do_sample:
             if s.temperature != 1.0:
@@ -420,7 +425,8 @@ def generate(
 
     # -- the decoder prompt
     start = decoder_start_token_id
-    for value in (defaults.get("decoder_start_token_id"), model.tokens.get("decoder_start"), defaults.get("bos_token_id")):
+    for value in (defaults.get("decoder_start_token_id"), model.tokens.get("decoder_start"),
+                  defaults.get("bos_token_id")):
         start = value if start is None else start
     if start is None:
         raise InputError("tokens.decoder_start is not set, so generation has no first token\n"
@@ -435,12 +441,21 @@ def generate(
             raise _bad("seed", seed, "an integer", "pass e.g. seed=0")
         generator = torch.Generator(device=device).manual_seed(seed)
 
+    decoder = model.decoder
+    limit = getattr(decoder, "max_positions", None)  # the longest sequence the decoder reads
+    if _is_int(limit) and s.max_length - 1 > limit:  # the last token is never fed back
+        if s.length_from == "default" and limit + 1 > P:
+            s.max_length = limit + 1
+        else:
+            raise _bad(s.length_from, kwargs.get(s.length_from) or defaults.get(s.length_from) or s.max_length,
+                       f"prompt + new tokens <= {limit + 1}: the decoder reads at most {limit} positions",
+                       f"ask for at most {limit + 1 - P} new tokens (max_length <= {limit + 1})")
+
     # -- the prompt runs once per image; its cache is then repeated for the beams / returned samples
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
-    decoder = model.decoder
     cache = KVCache(len(decoder.layer_specs()), s.max_length)
     out = decoder(prompt, context=context, attention_mask=prompt_mask, cache=cache)
-    logits = out.logits[:, -1]  # (B, V)
+    logits = out.logits[:, -1].contiguous()  # (B, V); a copy when P > 1, so the prompt's logits can go
     del out
     if expand > 1:
         cache.repeat_interleave(expand)
@@ -516,7 +531,7 @@ def _greedy_or_sample(s: GenerationSettings, prompt: Tensor, logits: Tensor, ste
         seqs[:, cur] = nxt
         cur += 1
         if cur >= s.max_length or (eos is not None and not bool(unfinished.any())):
-            return seqs[:, :cur]
+            return seqs[:, :cur].contiguous()
         logits = step(seqs[:, cur - 1 : cur], cur)
 
 
@@ -547,7 +562,7 @@ def _beam_search(s: GenerationSettings, prompt: Tensor, logits: Tensor, step, pr
     while True:
         logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
         logp = processors(logp, running.view(N, L), cur)
-        logp = (logp.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
+        logp = logp.view(B, K, V).add_(running_scores[:, :, None]).view(B, K * V)
         if s.do_sample:
             idx = torch.multinomial(logp.softmax(-1), keep, generator=generator)  # (B, keep), no replacement
             top = logp.gather(1, idx)
@@ -607,4 +622,4 @@ def _beam_search(s: GenerationSettings, prompt: Tensor, logits: Tensor, step, pr
     R = s.num_return_sequences
     hyps = hyps[:, :R].reshape(B * R, L)
     new = int((hyp_src[:, :R].reshape(B * R, L - P) >= 0).sum(1).max())
-    return hyps[:, : P + new]
+    return hyps[:, : P + new].contiguous()
