@@ -64,9 +64,3 @@ def test_schema(capsys):
     assert schema["title"] == "CompositionSpec"
     assert {"encoder", "decoder", "cross_attention", "projection", "tokens", "freeze"} <= set(schema["properties"])
     assert schema["additionalProperties"] is False
-
-
-def test_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--spec", str(EXAMPLES / "vit-gpt2-tiny.yaml"), "--out", str(tmp_path / "d")]) == 0
-    out = capsys.readouterr().out
-    assert "identical weights: True" in out and "greedy decode" in out

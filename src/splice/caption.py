@@ -53,13 +53,15 @@ def caption(model, images: Sequence[Any], *, batch_size: int = 8, **generate_kwa
     return results
 
 
-def run_cli(model_path: str, images: list[str], *, num_beams: int, max_new_tokens: int | None, as_json: bool) -> int:
+def run_cli(model_path: str, images: list[str], *, num_beams: int | None, max_new_tokens: int | None, as_json: bool) -> int:
     import json
 
     import splice
 
     model = splice.load(model_path)
-    kwargs: dict = {"num_beams": num_beams}
+    kwargs: dict = {}
+    if num_beams is not None:
+        kwargs["num_beams"] = num_beams
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens
     results = caption(model, images, **kwargs)

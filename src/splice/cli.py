@@ -52,10 +52,8 @@ def _cmd_describe(args) -> int:
                 print(f"  reads transformers model_type: {', '.join(e.hf.model_types) or '-'}")
             print("  config:")
             for fname, field in e.config_cls.model_fields.items():
-                default = field.default if field.default is not None else "None"
-                ann = getattr(field.annotation, "__name__", str(field.annotation)).replace("typing.", "")
-                doc = f"  — {field.description}" if field.description else ""
-                print(f"    {fname}: {ann} = {default!r}{doc}")
+                print(f"    {fname}: {_type_name(field.annotation)}{_default_text(field)}"
+                      + (f"  — {field.description}" if field.description else ""))
             if e.tiny:
                 print(f"  tiny: {json.dumps(e.tiny)}")
             if kind == "decoder" and e.tiny is not None:
@@ -77,8 +75,28 @@ def _cmd_describe(args) -> int:
         from splice.core.errors import UnknownComponentError
 
         known = [n for k in KINDS for n in registry.names(k, with_aliases=True)] + list(registry.presets) + list(registry.compositions)
-        raise UnknownComponentError.for_name("component", args.name, known)
+        raise UnknownComponentError.for_name("component", args.name, known, list_kind="")
     return 0
+
+
+def _type_name(annotation) -> str:
+    """``int``, ``int | None``, ``Literal['gelu', 'relu']``: a field's type as a user writes it."""
+    import re
+
+    name = getattr(annotation, "__name__", None)
+    if name and not getattr(annotation, "__args__", None):
+        return name
+    text = str(annotation).replace("typing.", "").replace("NoneType", "None")
+    text = re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", text)  # drop pydantic's constraint metadata
+    return re.sub(r"^Optional\[(.*)\]$", r"\1 | None", text)
+
+
+def _default_text(field) -> str:
+    if field.is_required():
+        return "  (required)"
+    if field.default_factory is not None:
+        return f" = {field.default_factory()!r}"
+    return f" = {field.default!r}"
 
 
 def _describe_layers(entry) -> None:
@@ -186,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("caption", help="caption images with a saved model (a folder, hub id or transformers folder)")
     p.add_argument("model")
     p.add_argument("images", nargs="+")
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--num-beams", type=int, default=None, help="default: the model's generation settings (else 1)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_caption)

@@ -38,7 +38,12 @@ RECIPE = dict(batch_size=128, lr=1e-3, warmup_steps=50, schedule="cosine", weigh
 def bundled_spec() -> str | dict:
     """examples/demo-captioner.yaml from a source checkout, else the same spec built in."""
     path = Path(__file__).resolve().parents[2] / "examples" / "demo-captioner.yaml"
-    return str(path) if path.is_file() else dict(SPEC)
+    if not path.is_file():
+        return dict(SPEC)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _clock(s: float) -> str:

@@ -4,10 +4,13 @@ Images are drawn with PIL: one or two shapes (circle, square, triangle) in six c
 Every image has exactly one correct caption, so exact match is a fair score:
 
 * one shape: ``a red circle``
-* two shapes of the same colour and kind: ``two red circles``
-* two different shapes: ``a red circle left of a blue square``. The shape named first is the one that comes
-  first in the fixed order of colours, then kinds (``COLOURS``, ``KINDS``); the relation (left of, right of,
-  above, below) is where it lies relative to the other, which is drawn clearly apart along one axis.
+* two identical shapes (colour and kind): ``two red circles``
+* two shapes of different colours: ``a red circle left of a blue square``. The shape named first is the one
+  whose colour comes first in ``COLOURS`` (red, green, blue, yellow, purple, white); the relation (left of,
+  right of, above, below) is where it lies relative to the other, which is drawn clearly apart along one axis.
+
+Two shapes of one colour but different kinds are never drawn: telling them from a pair (``two ...``) at the
+first word is what a 5-minute model got wrong most (docs/training.md).
 
 Samples are a pure function of ``(seed, stream, index)``: training draws fresh images for every batch (the
 stream position is the step), the held-out set is fixed by its seed, and any process can draw any slice of a
@@ -17,6 +20,7 @@ batch — which is what makes resume and multi-process runs exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -154,7 +158,7 @@ def sample(seed: int, stream: int, index: int, cfg: ShapesConfig = ShapesConfig(
         first = pick()
         second = first
         if category == "relation":
-            while second == first:
+            while second[0] == first[0]:  # two colours: "two" is said exactly when the colours match
                 second = pick()
         r1, r2 = radius(), radius()
         axis = int(rng.integers(2)) if category == "relation" else None
@@ -201,8 +205,9 @@ class ShapesData:
         self.seed = seed
         self.eos = eos
         self.tokenizer = tokenizer or build_tokenizer()
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self._scale, self._shift = 1 / std, -mean / std
         self._ids: dict[str, list[int]] = {}
 
     @classmethod
@@ -230,9 +235,8 @@ class ShapesData:
         return ids
 
     def pixels(self, images: Sequence[np.ndarray]) -> Tensor:
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-        x = x.to(torch.float32, memory_format=torch.contiguous_format)
-        return x.sub_(self._mean).div_(self._std)
+        x = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))  # (B, 3, H, W) uint8
+        return torch.from_numpy(x).float().mul_(self._scale).add_(self._shift)  # (x - mean) / std
 
     def make_batch(self, samples: Sequence[Sample]) -> dict:
         from splice.data import pad_labels
@@ -255,3 +259,22 @@ class ShapesData:
         held = self.heldout(500 if n is None else n)
         for start in range(0, len(held), batch_size):
             yield self.make_batch(held[start : start + batch_size])
+
+
+def write_imagefolder(path: str | Path, n: int, *, image_size: int = 64, seed: int = 0, stream: int = TRAIN_STREAM) -> Path:
+    """Write ``n`` samples as an ``imagefolder`` folder (PNGs + metadata.jsonl), e.g. to try ``splice train``
+    on files."""
+    import json
+
+    from PIL import Image
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = ShapesConfig(image_size=image_size)
+    with open(root / "metadata.jsonl", "w") as fh:
+        for i in range(n):
+            s = sample(seed, stream, i, cfg)
+            name = f"{i:06d}.png"
+            Image.fromarray(s.image).save(root / name)
+            fh.write(json.dumps({"file_name": name, "text": s.caption}) + "\n")
+    return root

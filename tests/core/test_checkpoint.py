@@ -193,3 +193,12 @@ def test_truncated_tensor_is_named(saved):
     f.write_bytes(f.read_bytes()[:-8])
     with pytest.raises(splice.CheckpointError, match=f"tensor '{last}' ends at byte"):
         splice.load(folder)
+
+
+def test_generation_defaults_travel_with_the_model(tmp_path):
+    model = splice.compose("vit-gpt2-tiny", seed=0)
+    model.generation_defaults.update(max_length=5, num_beams=2)
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "generation.json").read_text()) == {"max_length": 5, "num_beams": 2}
+    loaded = splice.load(tmp_path / "m")
+    assert loaded.generate(torch.randn(1, 3, 32, 32), eos_token_id=[]).shape == (1, 5)

@@ -24,6 +24,7 @@ from splice.core.processing import ImageProcessor
 
 SPLICE_CONFIG = "splice.json"
 WEIGHTS = "model.safetensors"
+GENERATION = "generation.json"  # generation defaults (max_length, num_beams, ...) saved with the model
 FORMAT_VERSION = 1
 
 
@@ -75,9 +76,9 @@ def save_pretrained(model, path: str | os.PathLike, *, extra_files: dict[str, by
         meta = {"format": "splice", "version": str(FORMAT_VERSION), "tied": json.dumps(tied)}
         save_file(tensors, tmp / WEIGHTS, metadata=meta)
         config = {"format": "splice", "version": FORMAT_VERSION, "spec": model.spec}
-        if model.generation_defaults:
-            config["generation"] = model.generation_defaults
         (tmp / SPLICE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if model.generation_defaults:
+            (tmp / GENERATION).write_text(json.dumps(model.generation_defaults, indent=2) + "\n")
         from splice.core.processing import processor_for
 
         processor_for(model).save(tmp)
@@ -359,7 +360,9 @@ def resolve_folder(path: str | os.PathLike, *, revision: str | None = None) -> P
     if p.exists():
         raise CheckpointError(f"{p}: expected a folder, got a file\n    fix: give the folder that holds it")
     text = str(path)
-    if text.count("/") <= 1 and not text.startswith((".", "/", "~")):
+    first = text.split("/")[0]
+    # `owner/name` is a hub repo id unless `owner` is a local folder (then it is a missing local path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(first).is_dir():
         from huggingface_hub import snapshot_download
 
         try:
@@ -382,8 +385,10 @@ def _load_splice(folder: Path, *, dtype, strict: bool):
     if config.get("format") != "splice" or "spec" not in config:
         raise CheckpointError(f"{folder / SPLICE_CONFIG}: not a splice config (no format/spec)")
     plan = validate(config["spec"])
-    if not plan.ok:
-        raise ConfigError(plan.problems, source=str(folder / SPLICE_CONFIG))
+    if not plan.ok:  # e.g. the plugin that provides a component is not installed here
+        from splice.core.errors import error_for
+
+        raise error_for(plan.problems, source=str(folder / SPLICE_CONFIG))
     model = plan.meta_model
     from splice.core.composer import assemble
 
@@ -392,7 +397,8 @@ def _load_splice(folder: Path, *, dtype, strict: bool):
         tensors[alias] = tensors[original]
     model.loading_report = assign_weights(model, tensors, source=str(folder / WEIGHTS), strict=strict, dtype=dtype,
                                           fresh=lambda: assemble(plan))
-    model.generation_defaults = dict(config.get("generation") or {})
+    gen_file = folder / GENERATION
+    model.generation_defaults = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
     model.tokenizer = load_tokenizer(folder)
     model.image_processor = ImageProcessor.from_folder(folder)
     return model.eval()

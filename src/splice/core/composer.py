@@ -123,7 +123,7 @@ class Plan:
             if part is None:
                 continue
             via = f" (preset {part.preset})" if part.preset else ""
-            weights = "random init" if part.pretrained is False else f"pretrained from {part.weights}"
+            weights = "random init" if part.pretrained is False else f"pretrained from {part.weights or '(no source)'}"
             size = f"width {part.width}, {part.params:,} params, " if part.width else ""
             lines.append(f"  {part.role:<9}{part.family}{via}: {size}{weights}")
             cfg = ", ".join(f"{k}={v}" for k, v in part.config.model_dump().items())
@@ -411,6 +411,8 @@ def _join(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> EncoderDecoderM
             installed.append(module)
     spec = plan.resolved_spec()
     model = EncoderDecoderModel(encoder, decoder, proj, tokens=spec["tokens"], spec=spec, cross_attention=installed)
+    if plan.spec.max_length is not None:
+        model.generation_defaults["max_length"] = plan.spec.max_length
     apply_freeze(model, plan.spec.freeze)
     return model
 

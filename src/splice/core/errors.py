@@ -63,11 +63,12 @@ class UnknownComponentError(SpliceError):
     """A name that no plugin registered; the message lists close matches."""
 
     @classmethod
-    def for_name(cls, kind: str, name: str, known: Sequence[str], *, path: str = "") -> "UnknownComponentError":
-        return cls([unknown_problem(kind, name, known, path=path)])
+    def for_name(cls, kind: str, name: str, known: Sequence[str], *, path: str = "",
+                 list_kind: str | None = None) -> "UnknownComponentError":
+        return cls([unknown_problem(kind, name, known, path=path, list_kind=list_kind)])
 
 
-def unknown_problem(kind: str, name: str, known: Sequence[str], *, path: str = "") -> Problem:
+def unknown_problem(kind: str, name: str, known: Sequence[str], *, path: str = "", list_kind: str | None = None) -> Problem:
     import difflib
 
     close = difflib.get_close_matches(str(name), list(known), n=3, cutoff=0.5)
@@ -76,7 +77,8 @@ def unknown_problem(kind: str, name: str, known: Sequence[str], *, path: str = "
         path=path,
         message=f"unknown {kind} {name!r} ({hint})",
         expected=f"a registered {kind}",
-        fix=f"`splice list --kind {kind}` shows them; or install the plugin that provides {name!r}",
+        fix=f"`splice list{_kind_flag(kind if list_kind is None else list_kind)}` shows them; "
+        f"or install the plugin that provides {name!r}",
         error="unknown",
     )
 
@@ -95,6 +97,10 @@ class PluginError(SpliceError):
 
 class InputError(SpliceError):
     """Tensors passed at run time that do not fit the model (shape, dtype, image size, token ids)."""
+
+
+def _kind_flag(kind: str) -> str:
+    return f" --kind {kind}" if kind in ("encoder", "decoder", "adapter", "projection", "preset") else ""
 
 
 _BY_KIND = {"config": ConfigError, "unknown": UnknownComponentError, "incompatible": IncompatibleComponentsError}

@@ -117,7 +117,7 @@ _HF_DEFAULTS: dict[str, Any] = dict(
 )
 _DEFAULT_NEW_TOKENS = 20  # transformers: with no max_length anywhere, 20 new tokens
 
-_OPTIONS = (
+GENERATION_OPTIONS = _OPTIONS = (
     "max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_beams", "num_return_sequences",
     "do_sample", "temperature", "top_k", "top_p", "length_penalty", "early_stopping", "no_repeat_ngram_size",
     "repetition_penalty", "eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id",
@@ -386,7 +386,7 @@ def generate(
     """Caption token ids, as transformers' ``generate`` returns them: (B * num_return_sequences, prompt + new).
 
     Greedy by default; ``num_beams > 1`` beam search; ``do_sample=True`` sampling (with beams: beam sampling).
-    An argument left ``None`` comes from ``model.generation_defaults`` (generation.json, or a transformers
+    An argument left ``None`` comes from ``model.generation_defaults`` (a splice folder's generation.json, or a transformers
     folder's generation_config.json), then ``model.tokens``, then transformers' defaults (20 new tokens, top_k 50
     when sampling, ...). The prompt defaults to ``decoder_start``; a ``decoder_input_ids`` prompt that does not
     start with it gets it prepended, as in transformers; ``decoder_attention_mask`` marks left padding.

@@ -124,7 +124,8 @@ class EncoderDecoderModel(nn.Module):
 
     @torch.inference_mode()
     def generate(self, pixel_values: Tensor | None = None, **kwargs) -> Tensor:
-        """Token ids (B, 1 + new), starting with ``decoder_start``; see ``splice.core.generation.generate``."""
+        """Token ids (B × num_return_sequences, prompt + new), the prompt defaulting to ``decoder_start``;
+        see ``splice.core.generation.generate`` for every option."""
         from splice.core.generation import generate
 
         return generate(self, pixel_values, **kwargs)

@@ -179,7 +179,8 @@ def problems_from_validation(exc: ValidationError, *, prefix: str = "", model: t
                 expected = str(err["ctx"]["expected"])
             if not err["loc"] or isinstance(given, (dict, list)) and len(repr(given)) > 60:
                 given = None  # a whole config: the message itself names the values
-            problems.append(Problem(path, msg, given=given, expected=expected, fix=_fix_for(kind, loc[-1] if loc else "")))
+            field_name = next((part for part in reversed(loc) if not part.isdigit()), "")
+            problems.append(Problem(path, msg, given=given, expected=expected, fix=_fix_for(kind, field_name)))
     return problems
 
 

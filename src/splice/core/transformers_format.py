@@ -92,11 +92,10 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
         unused.extend(f"{role}.{k}" for k in role_unused)
     gen_file = folder / "generation_config.json"
     if gen_file.is_file():
+        from splice.core.generation import GENERATION_OPTIONS
+
         gen = json.loads(gen_file.read_text())
-        for key in ("max_length", "max_new_tokens", "num_beams", "eos_token_id", "pad_token_id", "decoder_start_token_id",
-                    "no_repeat_ngram_size", "length_penalty", "early_stopping", "repetition_penalty"):
-            if gen.get(key) is not None:
-                generation[key] = gen[key]
+        generation.update({k: gen[k] for k in GENERATION_OPTIONS if gen.get(k) is not None})
     model.loading_report = assign_weights(
         model, state, source=str(folder), strict=strict, dtype=dtype, unused=unused, fresh=lambda: assemble(plan)
     )
@@ -152,6 +151,9 @@ def export_ved(model, path) -> None:
         sub = entry.hf.config_to_hf(entry.config_cls(**spec[role]["config"]).model_dump())
         if role == "decoder":
             sub = {**sub, "is_decoder": True, "add_cross_attention": True}
+            ids = {"bos_token_id": model.tokens.get("decoder_start"), "eos_token_id": model.tokens.get("eos"),
+                   "pad_token_id": model.tokens.get("pad")}
+            sub.update({k: v for k, v in ids.items() if v is not None})
         config[role] = sub
         module_sd = getattr(model, role).state_dict()
         tensors.update({f"{role}.{k}": v for k, v in entry.hf.state_dict_to_hf(module_sd, sub).items()})
