@@ -138,3 +138,12 @@ def test_loss_ignores_minus_100_and_matches_manual():
     keep = labels != -100
     manual = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
     assert torch.allclose(out.loss, manual, atol=1e-6)
+
+
+def test_projection_with_options(tmp_path):
+    model = splice.compose({**TINY, "projection": {"kind": "mlp", "config": {"hidden": 64, "act": "relu"}}}, seed=0)
+    assert model.enc_to_dec_proj.fc1.out_features == 64 and isinstance(model.enc_to_dec_proj.act, torch.nn.ReLU)
+    model.save_pretrained(tmp_path / "m")
+    assert splice.load(tmp_path / "m").enc_to_dec_proj.fc1.out_features == 64
+    plan = validate({**TINY, "projection": {"kind": "mlp", "config": {"hiden": 64}}})
+    assert [p.path for p in plan.problems] == ["projection.config.hiden"] and "did you mean 'hidden'" in str(plan.problems[0])

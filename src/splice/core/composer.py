@@ -93,6 +93,7 @@ class Plan:
     adapter_config: BaseModel | None = None
     projection: str | None = None  # None: the context is the encoder output as is
     projection_reason: str = ""
+    projection_config: BaseModel | None = None
     context_width: int = 0
     decoder_layers: int = 0
     cross_attention: dict[int, str] = field(default_factory=dict)  # layer -> kind ("native" for built-in)
@@ -277,10 +278,17 @@ def validate(source: Any) -> Plan:
         problems.append(
             unknown_problem("adapter", spec.cross_attention.kind, registry.names("adapter", with_aliases=True), path="cross_attention.kind")
         )
-    if spec.projection not in ("auto", "none") and not registry.has("projection", spec.projection):
-        problems.append(
-            unknown_problem("projection", spec.projection, ["auto", "none", *registry.names("projection")], path="projection")
-        )
+    proj = spec.projection_kind
+    if proj not in ("auto", "none"):
+        if not registry.has("projection", proj):
+            problems.append(unknown_problem("projection", proj, ["auto", "none", *registry.names("projection")],
+                                            path="projection"))
+        else:
+            try:
+                plan.projection_config = registry.get("projection", proj).config_cls(**spec.projection_config)
+            except ValidationError as exc:
+                problems.extend(problems_from_validation(exc, prefix="projection.config",
+                                                         model=registry.get("projection", proj).config_cls))
     if plan.encoder is None or plan.decoder is None:
         return plan
     try:
@@ -321,12 +329,12 @@ def _decide(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> None:
     plan.context_width = dec.width
     enc_from = f"encoder {enc.family!r} hidden_size"
     dec_from = f"decoder {dec.family!r} hidden_size (its cross-attention context width)"
-    if spec.projection == "auto":
+    if spec.projection_kind == "auto":
         if enc.width != dec.width:
             plan.projection, plan.projection_reason = "linear", f"widths differ: {enc.width} ({enc_from}) -> {dec.width}"
         else:
             plan.projection_reason = f"widths match ({enc.width})"
-    elif spec.projection == "none":
+    elif spec.projection_kind == "none":
         if enc.width != dec.width:
             problems.append(
                 Problem(
@@ -341,7 +349,7 @@ def _decide(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> None:
             )
         plan.projection_reason = "none requested"
     else:
-        plan.projection, plan.projection_reason = spec.projection, "requested"
+        plan.projection, plan.projection_reason = spec.projection_kind, "requested"
 
     layer_specs = list(decoder.layer_specs())
     plan.decoder_layers = len(layer_specs)
@@ -400,7 +408,8 @@ def _join(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> EncoderDecoderM
     proj = None
     if plan.projection is not None:
         proj_entry = registry.get("projection", plan.projection)
-        proj = proj_entry.builder(proj_entry.make_config())(plan.encoder.width, plan.context_width)
+        proj_config = plan.projection_config or proj_entry.make_config()
+        proj = proj_entry.builder(proj_config)(plan.encoder.width, plan.context_width)
     installed = []
     if not getattr(decoder, "native_cross_attention", False):
         adapter = plan.adapter.builder(plan.adapter_config)

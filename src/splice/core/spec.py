@@ -63,6 +63,13 @@ class TokensSpec(_Strict):
     eos: NonNegativeInt | None = Field(None, description="end of sequence: generation stops here")
 
 
+class ProjectionSpec(_Strict):
+    """A projection with options, e.g. ``{kind: mlp, config: {hidden: 1024, act: gelu}}``."""
+
+    kind: str = Field(description="a registered projection: linear | mlp | ...")
+    config: dict[str, Any] = Field(default_factory=dict, description="options of that projection")
+
+
 Freezable = Literal["encoder", "decoder", "cross_attention", "projection"]
 
 
@@ -73,11 +80,19 @@ class CompositionSpec(_Strict):
     encoder: ComponentSpec
     decoder: ComponentSpec
     cross_attention: CrossAttentionSpec = Field(default_factory=CrossAttentionSpec)
-    projection: str = Field(
+    projection: Union[str, ProjectionSpec] = Field(
         "auto",
         description="auto (a Linear exactly when widths differ, as transformers does) | none | linear | mlp "
-        "| another registered projection",
+        "| another registered projection, or {kind, config} to set its options",
     )
+
+    @property
+    def projection_kind(self) -> str:
+        return self.projection if isinstance(self.projection, str) else self.projection.kind
+
+    @property
+    def projection_config(self) -> dict:
+        return {} if isinstance(self.projection, str) else dict(self.projection.config)
     tokens: TokensSpec = Field(default_factory=TokensSpec)
     freeze: list[Freezable] = Field(default_factory=list, description="parts whose weights are not trained")
     max_length: PositiveInt | None = Field(

@@ -127,8 +127,11 @@ def export_ved(model, path) -> None:
     if not decoder_native and (ca.get("kind") != "standard" or ca.get("layers") != "all"):
         blockers.append(f"cross_attention {ca.get('kind')!r} in layers {ca.get('layers')!r} (transformers has "
                         "only its standard cross-attention in every layer)")
-    if model.enc_to_dec_proj is not None and spec.get("projection") not in ("auto", "linear"):
-        blockers.append(f"projection {spec.get('projection')!r} (transformers has only a Linear enc_to_dec_proj)")
+    proj = spec.get("projection")
+    proj_kind = proj.get("kind") if isinstance(proj, dict) else proj
+    if model.enc_to_dec_proj is not None and (proj_kind not in ("auto", "linear") or
+                                              isinstance(proj, dict) and proj.get("config", {}).get("bias") is False):
+        blockers.append(f"projection {proj!r} (transformers has only a Linear enc_to_dec_proj with bias)")
     if model.enc_to_dec_proj is not None and model.encoder.hidden_size == model.decoder.hidden_size:
         blockers.append("a projection between equal widths (transformers adds one only when the widths differ)")
     config: dict = {
