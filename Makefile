@@ -21,7 +21,7 @@ $(VENV)/.test: $(VENV)/.runtime pyproject.toml tests/fixtures/splice_toyconv/pyp
 	touch $@
 
 demo: $(VENV)/.runtime
-	$(BIN)/splice demo --spec examples/vit-gpt2-tiny.yaml --out out/demo
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/splice demo --out out/demo
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q

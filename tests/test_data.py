@@ -213,6 +213,7 @@ def test_every_caption_is_in_the_vocabulary_and_follows_the_grammar():
         assert synthetic.describe(s.shapes) == (s.caption, s.category)
         if s.category == "relation":
             first, second = sorted(s.shapes, key=lambda t: t.order)
+            assert first.colour != second.colour  # one colour for two shapes means "two ..." 
             words = s.caption.split()
             assert words[1:3] == [first.colour, first.kind] and words[-2:] == [second.colour, second.kind]
             dx, dy = first.x - second.x, first.y - second.y

@@ -172,7 +172,11 @@ def _cmd_train(args) -> int:
             from splice.core.composer import apply_freeze
 
             apply_freeze(model, args.freeze)
-    result = train(model, args.data, TrainConfig(**settings), eval_data=args.eval_data)
+    try:
+        result = train(model, args.data, TrainConfig(**settings), eval_data=args.eval_data)
+    except KeyboardInterrupt:
+        print(f"\naborted; the last checkpoint, if any, is in {args.out}/checkpoint", file=sys.stderr)
+        return 130
     return 130 if result.stopped == "interrupted" else 0
 
 

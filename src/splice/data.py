@@ -176,7 +176,8 @@ def find_sources(path: str | Path) -> tuple[Path, Path | None]:
 
 
 def encode_caption(tokenizer, text: str, eos: int | None, max_len: int) -> tuple[list[int], bool]:
-    """Token ids of a caption followed by ``eos`` (unless the tokenizer added it), cut to ``max_len``."""
+    """Token ids of a caption (without the tokenizer's own special tokens) followed by ``eos``, cut to
+    ``max_len`` (keeping ``eos`` last)."""
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     if eos is not None:
         ids.append(eos)

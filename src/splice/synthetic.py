@@ -94,14 +94,15 @@ class Sample:
 @dataclass(frozen=True)
 class ShapesConfig:
     image_size: int = 64
-    min_radius: float | None = None  # None: image_size / 8
-    max_radius: float | None = None  # None: image_size * 3 / 16
+    min_radius: float | None = None  # None: image_size * 0.15 (9.6 px at 64)
+    max_radius: float | None = None  # None: image_size * 0.2 (12.8 px at 64)
     weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # single, count, relation
     gap: float | None = None  # between the two shapes along the relation axis; None: image_size / 20
+    square: float = 0.9  # a square's half side, as a fraction of the radius
 
     def radii(self) -> tuple[float, float]:
-        lo = self.image_size / 8 if self.min_radius is None else self.min_radius
-        return lo, self.image_size * 3 / 16 if self.max_radius is None else self.max_radius
+        lo = self.image_size * 0.15 if self.min_radius is None else self.min_radius
+        return lo, self.image_size * 0.2 if self.max_radius is None else self.max_radius
 
     @property
     def spacing(self) -> float:
@@ -166,10 +167,10 @@ def sample(seed: int, stream: int, index: int, cfg: ShapesConfig = ShapesConfig(
         shapes = [Shape(*first, *p1, r1), Shape(*second, *p2, r2)]
     caption, cat = describe(shapes)
     assert cat == category
-    return Sample(draw(shapes, rng, cfg.image_size), caption, category, shapes)
+    return Sample(draw(shapes, rng, cfg.image_size, cfg.square), caption, category, shapes)
 
 
-def draw(shapes: Sequence[Shape], rng: np.random.Generator, size: int) -> np.ndarray:
+def draw(shapes: Sequence[Shape], rng: np.random.Generator, size: int, square: float = 0.9) -> np.ndarray:
     from PIL import Image, ImageDraw
 
     bg = int(rng.integers(0, 40))
@@ -182,7 +183,7 @@ def draw(shapes: Sequence[Shape], rng: np.random.Generator, size: int) -> np.nda
         if s.kind == "circle":
             d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
         elif s.kind == "square":
-            h = r * 0.85  # about the area of the circle
+            h = r * square
             d.rectangle([x - h, y - h, x + h, y + h], fill=colour)
         else:
             d.polygon([(x, y - r), (x - r, y + r * 0.8), (x + r, y + r * 0.8)], fill=colour)

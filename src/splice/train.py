@@ -184,6 +184,11 @@ def load_model(source: Any, *, seed: int = 0) -> nn.Module:
         return source
     if _is_model_folder(source):
         return splice.load(source)
+    if isinstance(source, str) and not Path(source).exists() and not source.endswith((".yaml", ".yml", ".json")):
+        from splice.core.plugins import get_registry
+
+        if source not in get_registry().compositions:
+            return splice.load(source)  # a hub id (or a clear "no such folder")
     return splice.compose(source, seed=seed)
 
 
@@ -488,6 +493,14 @@ class Progress:
             self.stream.write(line + "\n")
         self.stream.flush()
 
+    def write(self, message: str) -> None:
+        """A line of its own (stdout), clearing the progress line first on a terminal."""
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+        print(message, flush=True)
+
     def close(self) -> None:
         if self.tty and self._width:
             self.stream.write("\n")
@@ -526,6 +539,10 @@ class _Count(torch.utils.data.Sampler):
             j += 1
 
 
+class _Abort(KeyboardInterrupt):
+    """The second Ctrl-C: leave at once, without a checkpoint."""
+
+
 class _Stop:
     """SIGINT / SIGTERM set a flag (the loop stops after the step and saves); a second Ctrl-C aborts."""
 
@@ -535,7 +552,7 @@ class _Stop:
 
     def _handler(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise _Abort
         self.requested = True
         name = signal.Signals(signum).name
         print(f"\n{name}: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
@@ -628,6 +645,7 @@ class _Run:
         self.step, self.samples, self.elapsed0 = 0, 0, 0.0
         self.last_loss: float | None = None
         self.last_eval: dict | None = None
+        self.last_eval_step: int | None = None
 
     # -- bookkeeping --
     def log(self, row: dict) -> None:
@@ -673,6 +691,7 @@ class _Run:
                           precision=self.precision, examples=0)
         result.pop("examples")
         self.log({"event": "eval", "step": self.step, **result})
+        self.last_eval_step = self.step
         return result
 
     # -- the loop --
@@ -690,7 +709,8 @@ class _Run:
         total = sum(p.numel() for p in model.parameters())
         _print(self.main, f"training {trainable:,} of {total:,} parameters on {dist.world} x {self.device} "
                           f"({self.precision}, {torch.get_num_threads()} threads); batch {cfg.batch_size} "
-                          f"({dist.world} process(es) x {cfg.grad_accum} micro-batch(es) of "
+                          f"({dist.world} process{'es' if dist.world > 1 else ''} x {cfg.grad_accum} "
+                          f"micro-batch{'es' if cfg.grad_accum > 1 else ''} of "
                           f"{cfg.batch_size // (dist.world * cfg.grad_accum)}); lr {cfg.lr} {cfg.schedule}, "
                           f"warm-up {cfg.warmup_steps}")
         self.log({"event": "resume" if self.resume_from else "start", "step": self.step, "world_size": dist.world,
@@ -756,8 +776,8 @@ class _Run:
                             # DDP averages gradients over processes: scale so the result is the global token mean
                             (s * (dist.world / max(ntok_global, 1.0))).backward()
                         loss_sum += s.detach().double().cpu()
-                    if cfg.grad_clip:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    # the global norm is logged either way; max_norm inf measures without clipping
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
                     updating = True
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -789,10 +809,12 @@ class _Run:
                         bar.update(self.step, elapsed, self.last_loss, lr, rate)
                         window_loss, window_tok, window_samples, window_t = 0.0, 0, 0, now
                     else:
-                        bar.update(self.step, elapsed, self.last_loss, lr,
+                        bar.update(self.step, elapsed, window_loss / window_tok if window_tok else self.last_loss, lr,
                                    window_samples / max(time.perf_counter() - window_t, 1e-9))
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         self.last_eval = self.evaluate()
+                        if self.last_eval and self.main:
+                            bar.write(f"step {self.step} " + format_eval(self.last_eval))
                     if save_due:
                         self.save(time.perf_counter() - t0, "periodic")
                         last_save = time.perf_counter()
@@ -801,9 +823,9 @@ class _Run:
                             cb(self.step, info)
                         except KeyboardInterrupt:
                             stop.requested = True
-        except KeyboardInterrupt:
-            if updating:
-                raise  # stopped inside optimizer.step: the state is half-updated, nothing consistent to save
+        except KeyboardInterrupt as exc:
+            if updating or isinstance(exc, _Abort):
+                raise  # asked to abort, or stopped inside optimizer.step (half-updated: nothing consistent to save)
             stopped, collective = "interrupted", False  # this process alone: the others may be anywhere
         finally:
             bar.close()
@@ -812,10 +834,10 @@ class _Run:
             self.last_loss = window_loss / window_tok
         ckpt = self.save(elapsed, stopped, collective)
         self.log({"event": "stop", "step": self.step, "reason": stopped, "elapsed_s": elapsed})
-        final = None
+        final = fresh = None
         if stopped != "interrupted":
-            if cfg.eval_at_end and not (cfg.eval_every and self.step % cfg.eval_every == 0 and self.last_eval):
-                self.last_eval = self.evaluate()
+            if cfg.eval_at_end and self.last_eval_step != self.step:
+                self.last_eval = fresh = self.evaluate()
             if cfg.save_final and self.main:
                 final = self.out / FINAL
                 model.save_pretrained(final)
@@ -827,8 +849,8 @@ class _Run:
             print(f"stopped at step {self.step} ({msg}) after {_clock(elapsed)}; checkpoint: {ckpt}"
                   + (f"; model: {final}" if final else "") + (f"; resume with --resume" if stopped == "interrupted" else ""),
                   flush=True)
-            if self.last_eval:
-                print(format_eval(self.last_eval), flush=True)
+            if fresh:
+                print(format_eval(fresh), flush=True)
         return TrainResult(model=model, step=self.step, samples=self.samples, stopped=stopped, elapsed_s=elapsed,
                            loss=self.last_loss, eval=self.last_eval, out=self.out, checkpoint=ckpt, final=final)
 
