@@ -154,9 +154,14 @@ def export_ved(model, path) -> None:
         sub = entry.hf.config_to_hf(entry.config_cls(**spec[role]["config"]).model_dump())
         if role == "decoder":
             sub = {**sub, "is_decoder": True, "add_cross_attention": True}
-            ids = {"bos_token_id": model.tokens.get("decoder_start"), "eos_token_id": model.tokens.get("eos"),
-                   "pad_token_id": model.tokens.get("pad")}
-            sub.update({k: v for k, v in ids.items() if v is not None})
+            # the family's default bos/eos ids may lie outside a small vocabulary; the pair's tokens replace them.
+            # pad_token_id stays: it is part of the architecture for some families (RoBERTa's positions).
+            vocab = sub.get("vocab_size")
+            ids = {"bos_token_id": model.tokens.get("decoder_start"), "eos_token_id": model.tokens.get("eos")}
+            for key, value in ids.items():
+                current = sub.get(key)
+                if value is not None and (current is None or vocab is not None and current >= vocab):
+                    sub[key] = value
         config[role] = sub
         module_sd = getattr(model, role).state_dict()
         tensors.update({f"{role}.{k}": v for k, v in entry.hf.state_dict_to_hf(module_sd, sub).items()})
