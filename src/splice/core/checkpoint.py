@@ -271,7 +271,12 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
     binary = folder / "pytorch_model.bin"
     if binary.is_file():
         try:
-            return torch.load(binary, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                return torch.load(binary, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):  # legacy (pre-zip) files cannot be memory-mapped: read them whole
+                    raise
+                return torch.load(binary, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"{binary}: cannot read it safely ({exc})\n    fix: convert it to safetensors") from None
     raise CheckpointError(
@@ -366,7 +371,9 @@ def resolve_folder(path: str | os.PathLike, *, revision: str | None = None) -> P
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(text, revision=revision))
+            # only what splice reads: not TensorFlow/Flax weights or other large extras
+            patterns = ["*.json", "*.safetensors", "*.txt", "pytorch_model*.bin", "*.model"]
+            return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
         except Exception as exc:
             raise CheckpointError(
                 f"{text!r} is not a local folder and the hub could not provide it ({type(exc).__name__}: {exc})\n"
