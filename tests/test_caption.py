@@ -18,6 +18,8 @@ from splice.core.checkpoint import load_tokenizer
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from oracle import tiny_ved  # noqa: E402
+
 WORDS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"] + [f"w{i}" for i in range(60)]
 
 
@@ -31,15 +33,7 @@ def _word_tokenizer():
 
 @pytest.fixture
 def ved_folder(tmp_path):
-    torch.manual_seed(0)
-    enc = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=1, num_attention_heads=3, intermediate_size=96)
-    dec = transformers.GPT2Config(vocab_size=len(WORDS), n_positions=32, n_embd=32, n_layer=2, n_head=4, add_cross_attention=True)
-    cfg = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
-    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 1, 0, 2
-    model = transformers.VisionEncoderDecoderModel(config=cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = tiny_ved(vocab=len(WORDS), enc_layers=1, tokens=(1, 0, 2), scale=0.05)
     folder = tmp_path / "ved"
     model.save_pretrained(folder)
     transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)

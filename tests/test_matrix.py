@@ -16,6 +16,8 @@ from splice.core.plugins import get_registry
 
 transformers = pytest.importorskip("transformers")
 
+from oracle import perturb  # noqa: E402
+
 registry = get_registry()
 
 
@@ -34,20 +36,13 @@ def _hf_config(entry) -> "transformers.PretrainedConfig":
     return transformers.AutoConfig.for_model(model_type, **hf)
 
 
-def _perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-
-
 def _save_ved(folder, enc, dec, *, seed=0, **save_kwargs):
     torch.manual_seed(seed)
     cfg = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(_hf_config(enc), _hf_config(dec))
     vocab = cfg.decoder.vocab_size
     cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = vocab - 1, 0, vocab - 2
     model = transformers.VisionEncoderDecoderModel(config=cfg).eval()
-    _perturb(model, seed)
+    perturb(model, seed)
     model.save_pretrained(folder, **save_kwargs)
     return model
 

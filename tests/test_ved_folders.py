@@ -13,19 +13,12 @@ import splice
 
 transformers = pytest.importorskip("transformers")
 
+from oracle import tiny_ved  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def hf_model():
-    torch.manual_seed(0)
-    enc = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96)
-    dec = transformers.GPT2Config(vocab_size=99, n_positions=32, n_embd=32, n_layer=2, n_head=4, add_cross_attention=True)
-    cfg = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
-    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 98, 0, 98
-    model = transformers.VisionEncoderDecoderModel(config=cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return tiny_ved()
 
 
 def _same(hf, ours):

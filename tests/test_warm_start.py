@@ -15,24 +15,18 @@ import splice
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 
-
-def _noisy(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.eval()
+from oracle import perturb  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)
-    gpt2 = _noisy(transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=99, n_positions=32, n_embd=32, n_layer=2, n_head=4)))
+    gpt2 = perturb(transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=99, n_positions=32, n_embd=32, n_layer=2, n_head=4)))
     gpt2.save_pretrained(root / "gpt2")
-    vit = _noisy(transformers.ViTModel(transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96)))
+    vit = perturb(transformers.ViTModel(transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96)))
     vit.save_pretrained(root / "vit")
-    t = _noisy(timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10))
+    t = perturb(timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10))
     (root / "timm").mkdir()
     save_file({k: v.contiguous() for k, v in t.state_dict().items()}, root / "timm" / "model.safetensors")
     (root / "timm" / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_224", "num_classes": 10}))
@@ -114,7 +108,7 @@ def test_bart_model_file_fills_embeddings_from_shared(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.BartConfig(vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
                                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=40)
-    bart = _noisy(transformers.BartModel(cfg))
+    bart = perturb(transformers.BartModel(cfg))
     bart.save_pretrained(tmp_path / "bart")
     spec = {"encoder": {"name": "vit", "config": {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3}},
             "decoder": {"name": "bart", "pretrained": str(tmp_path / "bart")}, "tokens": {"decoder_start": 2, "pad": 1, "eos": 2}}
