@@ -53,6 +53,11 @@ class LoadReport:
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
+    def listing(self, *fields: str) -> str:
+        """``  missing (N): a, b`` lines for the named fields that are not empty (for error messages)."""
+        return "".join(f"  {f} ({len(getattr(self, f))}): {', '.join(getattr(self, f)[:20])}\n"
+                       for f in fields if getattr(self, f))
+
 
 def map_from_hf(interop, tensors, hf_config: dict) -> tuple[dict, list[str], list[str]]:
     """``interop.state_dict_from_hf`` -> (mapped, unused, notes); the notes item is optional for plugins."""
@@ -316,9 +321,7 @@ def assign_weights(model, state: dict[str, Tensor], *, source: str, strict: bool
     report.loaded = sorted(set(state) - set(report.unexpected))
     if strict and (report.missing or report.unexpected):
         raise CheckpointError(
-            f"{source}: the weights do not match the model\n"
-            + (f"  missing ({len(report.missing)}): {', '.join(report.missing[:20])}\n" if report.missing else "")
-            + (f"  unexpected ({len(report.unexpected)}): {', '.join(report.unexpected[:20])}\n" if report.unexpected else "")
+            f"{source}: the weights do not match the model\n" + report.listing("missing", "unexpected")
             + "    fix: check that the folder's config and weights belong together (or load with strict=False)"
         )
     todo = sorted(k for k in result.missing_keys if _is_meta(model, k))

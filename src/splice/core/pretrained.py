@@ -131,9 +131,7 @@ def load_part(model, part, *, strict: bool) -> LoadReport:
     )
     if strict and (report.missing or report.unused):
         raise CheckpointError(
-            f"{where}: strict warm start found surprises for the {p}\n"
-            + (f"  missing ({len(report.missing)}): {', '.join(report.missing[:20])}\n" if report.missing else "")
-            + (f"  unused ({len(report.unused)}): {', '.join(report.unused[:20])}\n" if report.unused else "")
+            f"{where}: strict warm start found surprises for the {p}\n" + report.listing("missing", "unused")
             + "    fix: load with strict=False to accept them, or point at matching weights"
         )
     return report
