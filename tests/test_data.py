@@ -13,7 +13,7 @@ from PIL import Image
 
 import splice
 from splice import synthetic
-from splice.data import DataReport, collate, encode_caption, find_sources, load_data, pad_labels, read_rows
+from splice.data import collate, encode_caption, find_sources, load_data, pad_labels, read_rows
 
 SPEC = {
     "encoder": {"name": "vit", "config": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}},

@@ -30,6 +30,11 @@ from splice.core.interfaces import (  # noqa: E402
 )
 
 __version__ = "0.1.0"
+__all__ = [
+    "CheckpointError", "ConfigError", "DecoderOutput", "EncoderOutput", "HFInterop", "IncompatibleComponentsError",
+    "InputError", "LayerSpec", "PluginError", "Preprocessing", "Problem", "SpliceError", "UnknownComponentError",
+    "compose", "export_transformers", "hookimpl", "list_components", "load", "schema", "validate",
+]
 
 
 def validate(spec):

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from splice.core.errors import InputError, SpliceError
+from splice.core.errors import InputError
 
 
 @dataclass

@@ -58,7 +58,7 @@ def run(spec: str | dict | None = None, out: str = "out/demo", *, minutes: float
     from splice.caption import caption
     from splice.core.processing import ImageProcessor
     from splice.synthetic import ShapesData, build_tokenizer
-    from splice.train import TrainConfig, evaluate, format_eval, train
+    from splice.train import TrainConfig, evaluate, train
 
     t_start = time.perf_counter()
     if threads:

@@ -38,9 +38,9 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -847,7 +847,7 @@ class _Run:
             msg = {"max_steps": f"reached max_steps {cfg.max_steps}", "max_minutes": f"spent max_minutes {cfg.max_minutes}",
                    "interrupted": "interrupted"}[stopped]
             print(f"stopped at step {self.step} ({msg}) after {_clock(elapsed)}; checkpoint: {ckpt}"
-                  + (f"; model: {final}" if final else "") + (f"; resume with --resume" if stopped == "interrupted" else ""),
+                  + (f"; model: {final}" if final else "") + ("; resume with --resume" if stopped == "interrupted" else ""),
                   flush=True)
             if fresh:
                 print(format_eval(fresh), flush=True)

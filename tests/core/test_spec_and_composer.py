@@ -133,7 +133,8 @@ def test_loss_ignores_minus_100_and_matches_manual():
     labels = torch.randint(1, 98, (2, 5))
     labels[1, 3:] = -100
     out = model(pixel_values=px, labels=labels)
-    ids = torch.cat([torch.full((2, 1), 98), labels[:, :-1]], 1).masked_fill(lambda_ := (torch.cat([torch.full((2, 1), 98), labels[:, :-1]], 1) == -100), 0)
+    shifted = torch.cat([torch.full((2, 1), 98), labels[:, :-1]], 1)
+    ids = shifted.masked_fill(shifted == -100, 0)
     logits = model(pixel_values=px, decoder_input_ids=ids).logits
     keep = labels != -100
     manual = torch.nn.functional.cross_entropy(logits[keep], labels[keep])

@@ -14,12 +14,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor
 
-from splice.core.errors import CheckpointError, ConfigError, SpliceError
+from splice.core.errors import CheckpointError
 from splice.core.processing import ImageProcessor
 
 SPLICE_CONFIG = "splice.json"
@@ -238,7 +238,8 @@ class LazyTensors(Mapping):
 
 
 def lazy_weights(folder: Path) -> Mapping[str, Tensor]:
-    """A folder's safetensors weights (single file or shards) as ``LazyTensors``; other layouts eagerly."""
+    """A folder's safetensors weights (single file or shards) as ``LazyTensors``; a 4.x ``pytorch_model.bin`` is
+    read eagerly (with ``weights_only=True``: never plain pickle)."""
     index = folder / "model.safetensors.index.json"
     if (folder / WEIGHTS).is_file():
         return LazyTensors([folder / WEIGHTS])
@@ -254,25 +255,6 @@ def lazy_weights(folder: Path) -> Mapping[str, Tensor]:
         if absent:
             raise CheckpointError(f"{index}: tensors listed in the index are not in their shards: {', '.join(absent[:10])}")
         return lazy
-    return read_weights(folder)
-
-
-def read_weights(folder: Path) -> dict[str, Tensor]:
-    """A folder's weights: model.safetensors, a sharded index, or (transformers 4.x) pytorch_model.bin."""
-    single = folder / WEIGHTS
-    index = folder / "model.safetensors.index.json"
-    if single.is_file():
-        return read_safetensors(single)[0]
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        out: dict[str, Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors, _ = read_safetensors(folder / shard)
-            out.update(tensors)
-        absent = sorted(set(weight_map) - set(out))
-        if absent:
-            raise CheckpointError(f"{index}: tensors listed in the index are not in their shards: {', '.join(absent[:10])}")
-        return out
     binary = folder / "pytorch_model.bin"
     if binary.is_file():
         try:
@@ -287,6 +269,11 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
     raise CheckpointError(
         f"{folder}: no weights found (looked for {WEIGHTS}, model.safetensors.index.json, pytorch_model.bin)"
     )
+
+
+def read_weights(folder: Path) -> dict[str, Tensor]:
+    """A folder's weights, all read: model.safetensors, a sharded index, or (transformers 4.x) pytorch_model.bin."""
+    return dict(lazy_weights(folder))
 
 
 # -- loading into a model ------------------------------------------------------------------------------------

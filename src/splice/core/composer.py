@@ -195,7 +195,7 @@ def _resolve_part(role: str, spec_part, registry: Registry, problems: list[Probl
                 f"`pretrained: true` needs a preset with a weights source, and {name!r} has none",
                 given=True,
                 expected="a preset name from registry.yaml, or a hub id / local path as the value",
-                fix=f"write `pretrained: <hub id or path>` or `pretrained: false`",
+                fix="write `pretrained: <hub id or path>` or `pretrained: false`",
             )
         )
     if weights is not None:
@@ -372,7 +372,7 @@ def _decide(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> None:
         for s in layer_specs:
             if s.index in plan.cross_attention and s.width % s.heads:
                 problems.append(
-                    Problem(f"decoder.config", f"layer {s.index}: {s.heads} heads do not divide width {s.width}",
+                    Problem("decoder.config", f"layer {s.index}: {s.heads} heads do not divide width {s.width}",
                             fix="choose a head count that divides the width", error="incompatible")
                 )
 
@@ -397,7 +397,7 @@ def _decide(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> None:
                 f"max_length {spec.max_length} exceeds the decoder's {max_pos} positions",
                 given=spec.max_length,
                 expected=f"at most {max_pos}",
-                fix=f"lower max_length, or raise the decoder's position count",
+                fix="lower max_length, or raise the decoder's position count",
                 error="incompatible",
             )
         )

@@ -9,10 +9,9 @@ Shapes: ``B`` batch, ``N`` context tokens, ``T`` new text tokens, ``L`` text tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor, nn
 
 

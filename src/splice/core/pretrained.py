@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import Tensor
 
 from splice.core.checkpoint import LoadReport, map_from_hf, read_safetensors, read_weights
-from splice.core.errors import CheckpointError, ConfigError, Problem
+from splice.core.errors import CheckpointError
 
 _ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin"]
 
