@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from splice import hookimpl
+from splice.core.kernels import Linear
 from splice.core.interfaces import LayerSpec
 
 __all__ = [
@@ -68,10 +69,10 @@ class StandardCrossAttention(nn.Module):
         self.norm_position = norm
         self.dropout_p = dropout
         self.norm = nn.LayerNorm(width, eps=eps)
-        self.q_proj = nn.Linear(width, width, bias=bias)
-        self.k_proj = nn.Linear(context_width, width, bias=bias)
-        self.v_proj = nn.Linear(context_width, width, bias=bias)
-        self.o_proj = nn.Linear(width, width, bias=bias)
+        self.q_proj = Linear(width, width, bias=bias)
+        self.k_proj = Linear(context_width, width, bias=bias)
+        self.v_proj = Linear(context_width, width, bias=bias)
+        self.o_proj = Linear(width, width, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.reset_parameters()
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from splice import hookimpl
+from splice.core.kernels import Linear
 
 
 class LinearConfig(BaseModel):
@@ -30,9 +31,9 @@ class MLPProjection(nn.Module):
     def __init__(self, in_width: int, out_width: int, hidden: int | None = None, act: str = "gelu", bias: bool = True):
         super().__init__()
         hidden = hidden or out_width
-        self.fc1 = nn.Linear(in_width, hidden, bias=bias)
+        self.fc1 = Linear(in_width, hidden, bias=bias)
         self.act = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}[act]()
-        self.fc2 = nn.Linear(hidden, out_width, bias=bias)
+        self.fc2 = Linear(hidden, out_width, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, N, D_enc) -> (B, N, D_ctx)
         return self.fc2(self.act(self.fc1(x)))
@@ -40,7 +41,7 @@ class MLPProjection(nn.Module):
 
 def build_linear(config: LinearConfig):
     """One Linear layer (transformers' enc_to_dec_proj)."""
-    return lambda in_width, out_width: nn.Linear(in_width, out_width, bias=config.bias)
+    return lambda in_width, out_width: Linear(in_width, out_width, bias=config.bias)
 
 
 def build_mlp(config: MLPConfig):

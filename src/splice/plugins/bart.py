@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from splice import hookimpl
+from splice.core.kernels import Linear, linear
 from splice.core.errors import ConfigError, IncompatibleComponentsError, InputError, Problem
 from splice.core.interfaces import HFInterop
 from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
@@ -101,10 +101,10 @@ class _Attention(nn.Module):
         self.heads = heads
         self.scaling = (d_model // heads) ** -0.5
         self.dropout_p = dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.q_proj = Linear(d_model, d_model)
+        self.k_proj = Linear(d_model, d_model)
+        self.v_proj = Linear(d_model, d_model)
+        self.out_proj = Linear(d_model, d_model)
 
     def _split(self, x: Tensor) -> Tensor:
         return split_heads(x, self.heads)  # (B, nh, T, hs)
@@ -162,8 +162,8 @@ class BartDecoderLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
         self.encoder_attn = BartCrossAttention(d_model, heads, attention_dropout)
         self.encoder_attn_layer_norm = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
-        self.fc1 = nn.Linear(d_model, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.fc1 = Linear(d_model, ffn_dim)
+        self.fc2 = Linear(ffn_dim, d_model)
         self.final_layer_norm = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
         self.act = ACTIVATION_FNS[activation]
         self.dropout = nn.Dropout(dropout)
@@ -219,7 +219,7 @@ class BartDecoder(NativeDecoder):
                              attention_dropout, activation_dropout)
             for i in range(decoder_layers)
         )
-        self.lm_head = None if tie_word_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+        self.lm_head = None if tie_word_embeddings else Linear(d_model, vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -233,7 +233,7 @@ class BartDecoder(NativeDecoder):
         return self.drop(self.layernorm_embedding(x))  # (B, T, D)
 
     def output(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return x, (F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x))  # (B, T, V)
+        return x, (linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x))  # (B, T, V)
 
     def install_cross_attention(self, index: int, module: nn.Module) -> None:
         raise IncompatibleComponentsError([Problem(

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from splice import hookimpl
+from splice.core.kernels import Linear, linear
 from splice.core.errors import ConfigError, Problem
 from splice.core.interfaces import HFInterop
 from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
@@ -114,10 +114,10 @@ class BertSelfAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.attn_dropout = attn_dropout
-        self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = nn.Linear(hidden_size, hidden_size)
-        self.v_proj = nn.Linear(hidden_size, hidden_size)
-        self.o_proj = nn.Linear(hidden_size, hidden_size)
+        self.q_proj = Linear(hidden_size, hidden_size)
+        self.k_proj = Linear(hidden_size, hidden_size)
+        self.v_proj = Linear(hidden_size, hidden_size)
+        self.o_proj = Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(hidden_dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
 
@@ -133,9 +133,9 @@ class BertMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str, eps: float, dropout: float):
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc1 = Linear(hidden_size, intermediate_size)
         self.act = ACTIVATION_FNS[activation]
-        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.fc2 = Linear(intermediate_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
 
@@ -171,16 +171,16 @@ class BertLMHead(nn.Module):
 
     def __init__(self, hidden_size: int, vocab_size: int, activation: str, eps: float, tied: bool):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dense = Linear(hidden_size, hidden_size)
         self.act = ACTIVATION_FNS[activation]
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.decoder = None if tied else nn.Linear(hidden_size, vocab_size, bias=False)
+        self.decoder = None if tied else Linear(hidden_size, vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(vocab_size))  # (V,)
 
     def forward(self, x: Tensor, word_embeddings: Tensor) -> Tensor:
         x = self.norm(self.act(self.dense(x)))  # (B, T, D)
         weight = word_embeddings if self.decoder is None else self.decoder.weight  # (V, D)
-        return F.linear(x, weight, self.bias)  # (B, T, V)
+        return linear(x, weight, self.bias)  # (B, T, V)
 
 
 # ---- model ------------------------------------------------------------------------------------------------

@@ -18,11 +18,11 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
 from splice import hookimpl
+from splice.core.kernels import Linear, linear
 from splice.core.errors import ConfigError, Problem
 from splice.core.interfaces import HFInterop
 from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
@@ -75,8 +75,8 @@ class GPT2Attention(nn.Module):
         self.n_head = n_head
         self.scale = scale
         self.attn_pdrop = attn_pdrop
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
-        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.c_attn = Linear(n_embd, 3 * n_embd)
+        self.c_proj = Linear(n_embd, n_embd)
         self.resid_dropout = nn.Dropout(resid_pdrop)
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, cache: Any, layer: int) -> Tensor:
@@ -89,8 +89,8 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, n_embd: int, n_inner: int, activation: str, resid_pdrop: float):
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, n_inner)
-        self.c_proj = nn.Linear(n_inner, n_embd)
+        self.c_fc = Linear(n_embd, n_inner)
+        self.c_proj = Linear(n_inner, n_embd)
         self.act = ACTIVATION_FNS[activation]
         self.dropout = nn.Dropout(resid_pdrop)
 
@@ -158,7 +158,7 @@ class GPT2Decoder(NativeDecoder):
                                     layer_norm_epsilon, attn_pdrop, resid_pdrop, scale))
         self.h = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(n_embd, eps=layer_norm_epsilon)
-        self.lm_head = None if tie_word_embeddings else nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head = None if tie_word_embeddings else Linear(n_embd, vocab_size, bias=False)
         self.reset_parameters()
 
     @property
@@ -178,7 +178,7 @@ class GPT2Decoder(NativeDecoder):
 
     def output(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self.ln_f(x)  # (B, T, D)
-        return x, (F.linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x))  # (B, T, V)
+        return x, (linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x))  # (B, T, V)
 
 
 def build_gpt2(config: GPT2Config) -> GPT2Decoder:

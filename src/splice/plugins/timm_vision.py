@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from splice import HFInterop, hookimpl
 from splice.core.errors import CheckpointError, ConfigError, InputError, Problem
 from splice.core.interfaces import EncoderOutput, Preprocessing
+from splice.core.kernels import use_fast_linear
 
 # ----------------------------------------------------------------------------------------------------------------
 # The module
@@ -55,7 +56,7 @@ class TimmEncoder(nn.Module):
         fixed_size: bool = True,
     ):
         super().__init__()
-        self.model = model
+        self.model = use_fast_linear(model)  # timm's nn.Linear layers get splice's CPU inference kernel
         self.hidden_size = hidden_size
         self.preprocessing = preprocessing
         self.channels_last = channels_last  # 4-D features are (B, H, W, C) rather than (B, C, H, W)

@@ -1,0 +1,78 @@
+"""The matrix multiply behind every ``nn.Linear`` of splice's own modules, picked per call for CPU inference.
+
+Stock ``F.linear`` on a CPU runs through the BLAS torch was built with (MKL). On the machines we measured, oneDNN's
+fp32 kernel (``torch.ops.mkldnn._linear_pointwise``, the one torch's own compiler emits for CPU linears) does the
+same product 1.5-2.5× faster, most of all for the few rows of a decoding step, where reading the weights is the
+whole cost (``docs/benchmarks.md``). It reads the ordinary ``(out, in)`` weight in place: nothing is repacked or
+copied, so memory stays at one copy of the weights.
+
+``linear`` uses it only where it is a pure speed-up and the result is the same product (within fp32 rounding):
+
+- a CPU fp32 input and weight, not under CPU autocast and not inside ``torch.compile`` (which picks its own);
+- no autograd graph to record (inference mode, ``no_grad``, or nothing requiring a gradient): training always
+  runs the stock kernel;
+- a product big enough that the faster kernel beats its ~10 µs call overhead (about a 512 × 512 weight per row);
+
+and falls back to ``F.linear`` everywhere else. ``SPLICE_FAST_LINEAR=0`` in the environment (read at import) or
+``torch.backends.mkldnn.flags(enabled=False)`` turns it off.
+
+``Linear`` is ``nn.Linear`` with this forward (same parameters, same state-dict names); the native decoders and
+the adapters build theirs from it. ``use_fast_linear(module)`` gives the same forward to the plain ``nn.Linear``
+layers of a module built elsewhere (timm's encoders). A third-party plugin may use either, or neither.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["linear", "Linear", "use_fast_linear", "FAST_LINEAR"]
+
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+FAST_LINEAR: bool = _ONEDNN_LINEAR is not None and os.environ.get("SPLICE_FAST_LINEAR", "1") != "0"
+
+# rows x weight elements from which oneDNN wins on small products (measured on a 2-core EPYC; see the module doc);
+# a single row counts as 4, because a lone matrix-vector product is bound by reading the weight, where it wins early
+_MIN_WORK = 1 << 20
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``: x (..., in), weight (out, in), bias (out,) -> (..., out)."""
+    if (
+        FAST_LINEAR
+        and weight.numel() * 4 >= _MIN_WORK  # cheapest test first: tiny layers leave here
+        and x.dim() >= 2
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and max(x.numel() // max(x.shape[-1], 1), 4) * weight.numel() >= _MIN_WORK
+        and x.numel() > 0
+        and weight.layout == torch.strided
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad)))
+        and not torch.is_autocast_enabled("cpu")
+        and torch.backends.mkldnn.enabled
+        and not torch.compiler.is_compiling()
+    ):
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is ``splice.core.kernels.linear``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_fast_linear(module: nn.Module) -> nn.Module:
+    """Give every plain ``nn.Linear`` in ``module`` (exactly that class, not a subclass with its own forward)
+    ``Linear``'s forward, in place; parameters, names and ``isinstance(m, nn.Linear)`` are unchanged."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear
+    return module
