@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from splice import hookimpl
-from splice.core.kernels import Linear
+from splice.core.kernels import Linear, dropout
 from splice.core.interfaces import LayerSpec
 
 __all__ = [
@@ -73,7 +73,6 @@ class StandardCrossAttention(nn.Module):
         self.k_proj = Linear(context_width, width, bias=bias)
         self.v_proj = Linear(context_width, width, bias=bias)
         self.o_proj = Linear(width, width, bias=bias)
-        self.resid_dropout = nn.Dropout(dropout)
         self.reset_parameters()
 
     @classmethod
@@ -118,7 +117,7 @@ class StandardCrossAttention(nn.Module):
             is_causal=False,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-        return self.resid_dropout(self.o_proj(y))  # (B, T, D)
+        return dropout(self.o_proj(y), self.dropout_p, self.training)  # (B, T, D)
 
     def _branch(self, y: Tensor) -> Tensor:
         """The pre-norm attention output as it joins the residual stream: unchanged here, gated in ``gated``."""

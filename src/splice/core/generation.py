@@ -55,12 +55,13 @@ class KVCache:
         end = self.length + T
         if end > self.max_len:
             raise ValueError(f"KVCache holds {self.max_len} tokens; {end} were asked for")
-        if self.k[layer] is None:
-            self.k[layer] = k.new_empty(B, nh, self.max_len, hs)
-            self.v[layer] = v.new_empty(B, v.shape[1], self.max_len, v.shape[-1])
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        keys, values = self.k[layer], self.v[layer]
+        if keys is None:
+            keys = self.k[layer] = k.new_empty(B, nh, self.max_len, hs)
+            values = self.v[layer] = v.new_empty(B, v.shape[1], self.max_len, v.shape[-1])
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, T: int) -> None:
         self.length += T
@@ -307,6 +308,9 @@ class _Processors:
         # column; reusing a real token of the row instead (penalised anyway) gives the same scores
         self.prompt_pad = prompt_pad  # (N,) count of leading padding per row, or None
         self.min_keep = (len(s.eos) + 1 if s.eos else 2) if s.num_beams > 1 else 1
+        # False: every processor is off for these settings, and calling them would only cost time
+        self.active = (s.repetition_penalty != 1.0 or s.no_repeat_ngram_size > 0 or s.min_length > s.prompt_len
+                       or s.forced_bos is not None or s.forced_eos is not None or s.do_sample)
 
     def __call__(self, scores: Tensor, seqs: Tensor, cur: int) -> Tensor:
         s = self.s
@@ -520,7 +524,9 @@ def _greedy_or_sample(s: GenerationSettings, prompt: Tensor, logits: Tensor, ste
     pad = torch.tensor(s.pad if s.pad is not None else 0, device=prompt.device)
     cur = P
     while True:
-        scores = processors(logits.float(), seqs, cur)  # float32 as transformers (a no-op for fp32 models)
+        scores = logits.float()  # float32 as transformers (a no-op for fp32 models)
+        if processors.active:
+            scores = processors(scores, seqs, cur)
         if s.do_sample:
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)  # (N,)
         else:

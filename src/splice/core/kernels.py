@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["linear", "Linear", "use_fast_linear", "FAST_LINEAR"]
+__all__ = ["linear", "Linear", "use_fast_linear", "dropout", "FAST_LINEAR"]
 
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 FAST_LINEAR: bool = _ONEDNN_LINEAR is not None and os.environ.get("SPLICE_FAST_LINEAR", "1") != "0"
@@ -37,13 +37,14 @@ FAST_LINEAR: bool = _ONEDNN_LINEAR is not None and os.environ.get("SPLICE_FAST_L
 # rows x weight elements from which oneDNN wins on small products (measured on a 2-core EPYC; see the module doc);
 # a single row counts as 4, because a lone matrix-vector product is bound by reading the weight, where it wins early
 _MIN_WORK = 1 << 20
+_MIN_WEIGHT = _MIN_WORK // 4  # smaller weights always take F.linear
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x (..., in), weight (out, in), bias (out,) -> (..., out)."""
     if (
         FAST_LINEAR
-        and weight.numel() * 4 >= _MIN_WORK  # cheapest test first: tiny layers leave here
+        and weight.numel() >= _MIN_WEIGHT  # cheapest test first: tiny layers leave here
         and x.dim() >= 2
         and x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -66,6 +67,8 @@ class Linear(nn.Linear):
     """``nn.Linear`` whose forward is ``splice.core.kernels.linear``."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.in_features * self.out_features < _MIN_WEIGHT:
+            return F.linear(x, self.weight, self.bias)  # the common tiny case, one call shorter
         return linear(x, self.weight, self.bias)
 
 
@@ -76,3 +79,9 @@ def use_fast_linear(module: nn.Module) -> nn.Module:
         if type(m) is nn.Linear:
             m.__class__ = Linear
     return module
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout(x, p, training)``, returning ``x`` itself at once in eval or for ``p == 0``: decoding calls
+    it a dozen times a step, where an ``nn.Dropout`` module would cost a module call each time for nothing."""
+    return F.dropout(x, p, True) if training and p > 0 else x

@@ -14,6 +14,7 @@ otherwise be written once per decoder:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
@@ -34,8 +35,8 @@ __all__ = [
 
 ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # the exact (erf) GELU, transformers' "gelu"
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # the same tanh approximation
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),  # the same tanh approximation
     "relu": F.relu,
     "silu": F.silu,
 }
@@ -262,11 +263,12 @@ class NativeDecoder(nn.Module):
             )
         if context is None:
             return
-        self._check_context(context, B)
         if context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
             raise InputError(
                 f"context_mask must have shape (B, N) = {tuple(context.shape[:2])}; given {tuple(context_mask.shape)}"
             )
+        if cache is None or all(kv is None for kv in cache.cross):  # else: checked when the cached K/V were made
+            self._check_context(context, B)
 
     def _length_limit(self) -> str:
         return f"{self.positions_name}={self.max_positions}"

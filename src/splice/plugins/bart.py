@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from splice import hookimpl
-from splice.core.kernels import Linear, linear
+from splice.core.kernels import Linear, dropout, linear
 from splice.core.errors import ConfigError, IncompatibleComponentsError, InputError, Problem
 from splice.core.interfaces import HFInterop
 from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
@@ -166,19 +166,19 @@ class BartDecoderLayer(nn.Module):
         self.fc2 = Linear(ffn_dim, d_model)
         self.final_layer_norm = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
         self.act = ACTIVATION_FNS[activation]
-        self.dropout = nn.Dropout(dropout)
-        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.dropout_p, self.activation_dropout = dropout, activation_dropout
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, context: Tensor | None,
                 context_mask: Tensor | None, cache: Any) -> Tensor:
         """One layer: shapes and the mask as ``NativeDecoder`` describes them."""
-        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn(x, mask, is_causal, cache, self.index)))
+        y = self.self_attn(x, mask, is_causal, cache, self.index)  # (B, T, D)
+        x = self.self_attn_layer_norm(x + dropout(y, self.dropout_p, self.training))
         kv = cached_context_kv(self.encoder_attn, context, cache, self.index)  # each (B, nh, N, hs) or None
         if kv is not None or context is not None:  # without context transformers skips the block; so do we
             y = self.encoder_attn(x, context=context, context_mask=context_mask, kv=kv)  # (B, T, D)
-            x = self.encoder_attn_layer_norm(x + self.dropout(y))  # (B, T, D)
-        h = self.activation_dropout(self.act(self.fc1(x)))  # (B, T, F)
-        return self.final_layer_norm(x + self.dropout(self.fc2(h)))  # (B, T, D)
+            x = self.encoder_attn_layer_norm(x + dropout(y, self.dropout_p, self.training))  # (B, T, D)
+        h = dropout(self.act(self.fc1(x)), self.activation_dropout, self.training)  # (B, T, F)
+        return self.final_layer_norm(x + dropout(self.fc2(h), self.dropout_p, self.training))  # (B, T, D)
 
 
 # ---- model ------------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ class BartDecoder(NativeDecoder):
         self.embed_tokens = nn.Embedding(vocab_size, d_model, padding_idx=pad_token_id)
         self.embed_positions = nn.Embedding(max_position_embeddings + POSITION_OFFSET, d_model)
         self.layernorm_embedding = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
-        self.drop = nn.Dropout(dropout)
+        self.dropout_p = dropout
         self.layers = nn.ModuleList(
             BartDecoderLayer(i, d_model, decoder_attention_heads, decoder_ffn_dim, activation_function, dropout,
                              attention_dropout, activation_dropout)
@@ -230,7 +230,7 @@ class BartDecoder(NativeDecoder):
         # position_ids come without BART's offset; positions count from the past whatever the padding
         x = self.embed_tokens(input_ids) * self.embed_scale  # (B, T, D)
         x = x + self.embed_positions(position_ids + POSITION_OFFSET)  # (B, T, D)
-        return self.drop(self.layernorm_embedding(x))  # (B, T, D)
+        return dropout(self.layernorm_embedding(x), self.dropout_p, self.training)  # (B, T, D)
 
     def output(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x, (linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x))  # (B, T, V)

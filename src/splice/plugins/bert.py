@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from splice import hookimpl
-from splice.core.kernels import Linear, linear
+from splice.core.kernels import Linear, dropout, linear
 from splice.core.errors import ConfigError, Problem
 from splice.core.interfaces import HFInterop
 from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
@@ -100,11 +100,11 @@ class BertEmbeddings(nn.Module):
         self.position = nn.Embedding(max_positions, hidden_size)
         self.token_type = nn.Embedding(type_vocab_size, hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout_p = dropout
 
     def forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         x = self.word(input_ids) + self.token_type.weight[0] + self.position(position_ids)  # (B, T, D)
-        return self.dropout(self.norm(x))  # (B, T, D)
+        return dropout(self.norm(x), self.dropout_p, self.training)  # (B, T, D)
 
 
 class BertSelfAttention(nn.Module):
@@ -118,14 +118,14 @@ class BertSelfAttention(nn.Module):
         self.k_proj = Linear(hidden_size, hidden_size)
         self.v_proj = Linear(hidden_size, hidden_size)
         self.o_proj = Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(hidden_dropout)
+        self.hidden_dropout = hidden_dropout
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, cache: Any, layer: int) -> Tensor:
         q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
         y = attention(q, k, v, mask, is_causal=is_causal, cache=cache, layer=layer,
                       dropout_p=self.attn_dropout if self.training else 0.0)  # (B, T, D)
-        return self.norm(x + self.dropout(self.o_proj(y)))  # (B, T, D)
+        return self.norm(x + dropout(self.o_proj(y), self.hidden_dropout, self.training))  # (B, T, D)
 
 
 class BertMLP(nn.Module):
@@ -136,11 +136,11 @@ class BertMLP(nn.Module):
         self.fc1 = Linear(hidden_size, intermediate_size)
         self.act = ACTIVATION_FNS[activation]
         self.fc2 = Linear(intermediate_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout_p = dropout
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x + self.dropout(self.fc2(self.act(self.fc1(x)))))  # (B, T, D)
+        return self.norm(x + dropout(self.fc2(self.act(self.fc1(x))), self.dropout_p, self.training))  # (B, T, D)
 
 
 class BertLayer(nn.Module):

@@ -22,10 +22,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from splice import hookimpl
-from splice.core.kernels import Linear, linear
+from splice.core.kernels import Linear, dropout, linear
 from splice.core.errors import ConfigError, Problem
 from splice.core.interfaces import HFInterop
-from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
+from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init
 from splice.plugins._shared import DUPLICATE, STANDARD_ONLY, DecoderConfig, Row, map_from_hf, map_to_hf
 
 __all__ = [
@@ -77,13 +77,15 @@ class GPT2Attention(nn.Module):
         self.attn_pdrop = attn_pdrop
         self.c_attn = Linear(n_embd, 3 * n_embd)
         self.c_proj = Linear(n_embd, n_embd)
-        self.resid_dropout = nn.Dropout(resid_pdrop)
+        self.resid_pdrop = resid_pdrop
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, cache: Any, layer: int) -> Tensor:
-        q, k, v = (split_heads(t, self.n_head) for t in self.c_attn(x).split(x.shape[-1], dim=2))  # (B, nh, T, hs)
+        B, T, D = x.shape
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        q, k, v = qkv.unbind(0)  # each (B, nh, T, hs)
         y = attention(q, k, v, mask, is_causal=is_causal, scale=self.scale, cache=cache, layer=layer,
                       dropout_p=self.attn_pdrop if self.training else 0.0)  # (B, T, D)
-        return self.resid_dropout(self.c_proj(y))  # (B, T, D)
+        return dropout(self.c_proj(y), self.resid_pdrop, self.training)  # (B, T, D)
 
 
 class GPT2MLP(nn.Module):
@@ -92,10 +94,10 @@ class GPT2MLP(nn.Module):
         self.c_fc = Linear(n_embd, n_inner)
         self.c_proj = Linear(n_inner, n_embd)
         self.act = ACTIVATION_FNS[activation]
-        self.dropout = nn.Dropout(resid_pdrop)
+        self.resid_pdrop = resid_pdrop
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, D)
+        return dropout(self.c_proj(self.act(self.c_fc(x))), self.resid_pdrop, self.training)  # (B, T, D)
 
 
 class GPT2Block(nn.Module):
@@ -148,7 +150,7 @@ class GPT2Decoder(NativeDecoder):
 
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(n_positions, n_embd)
-        self.drop = nn.Dropout(embd_pdrop)
+        self.embd_pdrop = embd_pdrop
         blocks = []
         for i in range(n_layer):
             scale = (n_embd // n_head) ** -0.5 if scale_attn_weights else 1.0
@@ -174,7 +176,7 @@ class GPT2Decoder(NativeDecoder):
 
     def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         # positions count from the past whatever the padding (left padding shifts them), like transformers
-        return self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, D)
+        return dropout(self.wte(input_ids) + self.wpe(position_ids), self.embd_pdrop, self.training)  # (B, T, D)
 
     def output(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self.ln_f(x)  # (B, T, D)
