@@ -9,8 +9,8 @@ copied, so memory stays at one copy of the weights.
 ``linear`` uses it only where it is a pure speed-up and the result is the same product (within fp32 rounding):
 
 - a CPU fp32 input and weight, not under CPU autocast and not inside ``torch.compile`` (which picks its own);
-- no autograd graph to record (inference mode, ``no_grad``, or nothing requiring a gradient): training always
-  runs the stock kernel;
+- while training too: the backward products (input and weight gradients) go through oneDNN as well, in a
+  custom autograd function that is differentiable once (a second derivative needs ``SPLICE_FAST_LINEAR=0``);
 - a product big enough that the faster kernel beats its ~10 µs call overhead (about a 512 × 512 weight per row);
 
 and falls back to ``F.linear`` everywhere else. ``SPLICE_FAST_LINEAR=0`` in the environment (read at import) or
@@ -28,6 +28,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["linear", "Linear", "use_fast_linear", "dropout", "FAST_LINEAR"]
 
@@ -40,9 +41,9 @@ _MIN_WORK = 1 << 20
 _MIN_WEIGHT = _MIN_WORK // 4  # smaller weights always take F.linear
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``: x (..., in), weight (out, in), bias (out,) -> (..., out)."""
-    if (
+def _fast(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether oneDNN takes this product (the conditions in the module doc)."""
+    return (
         FAST_LINEAR
         and weight.numel() >= _MIN_WEIGHT  # cheapest test first: tiny layers leave here
         and x.dim() >= 2
@@ -50,17 +51,49 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
-        and max(x.numel() // max(x.shape[-1], 1), 4) * weight.numel() >= _MIN_WORK
         and x.numel() > 0
+        and max(x.numel() // x.shape[-1], 4) * weight.numel() >= _MIN_WORK
         and weight.layout == torch.strided
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad)))
         and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.enabled
         and not torch.compiler.is_compiling()
-    ):
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``: x (..., in), weight (out, in), bias (out,) -> (..., out)."""
+    if not _fast(x, weight, bias):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """The same product with its three backward products through oneDNN too (training). Differentiable once:
+    a second derivative (``create_graph=True`` through a linear layer) needs ``SPLICE_FAST_LINEAR=0``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")  # (..., out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad2 = grad.reshape(-1, grad.shape[-1])  # (M, out)
+        dx = dw = db = None
+        if need_x:  # grad @ weight, as a linear with the (in, out) view of the weight
+            dx = _ONEDNN_LINEAR(grad, weight.t(), None, "none", [], "")  # (..., in)
+        if need_w:  # grad^T @ x, as a linear of the (out, M) gradient with the (in, M) input
+            dw = _ONEDNN_LINEAR(grad2.t(), x.reshape(-1, x.shape[-1]).t(), None, "none", [], "")  # (out, in)
+        if ctx.has_bias and need_b:
+            db = grad2.sum(0)  # (out,)
+        return dx, dw, db
 
 
 class Linear(nn.Linear):

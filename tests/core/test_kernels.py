@@ -1,0 +1,152 @@
+"""splice.core.kernels: oneDNN's linear where it is faster, the stock F.linear everywhere else, the same numbers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from splice.core import kernels
+from splice.core.kernels import Linear, linear, use_fast_linear
+
+pytestmark = pytest.mark.skipif(not kernels.FAST_LINEAR, reason="this torch build has no oneDNN linear")
+
+BIG = (640, 512)  # (out, in): above the size from which oneDNN takes over
+SMALL = (96, 64)
+
+
+def _ops(fn) -> set[str]:
+    """The aten/mkldnn operators ``fn`` ran, as the profiler saw them."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def _operands(shape, rows=(3, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out, inp = shape
+    return (torch.randn(*rows, inp, generator=g), torch.randn(out, inp, generator=g) * 0.05,
+            torch.randn(out, generator=g))
+
+
+@pytest.mark.parametrize("rows", [(1, 1), (3, 5), (7,)], ids=["one-token", "batch-x-time", "2d"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_inference_matches_f_linear_and_takes_onednn(rows, with_bias):
+    x, w, b = _operands(BIG, rows)
+    b = b if with_bias else None
+    with torch.inference_mode():
+        got = linear(x, w, b)
+        want = F.linear(x, w, b)
+        assert "mkldnn::_linear_pointwise" in _ops(lambda: linear(x, w, b))
+    assert got.shape == want.shape == (*rows, BIG[0])
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_small_products_keep_the_stock_kernel():
+    x, w, b = _operands(SMALL, (1, 1))
+    with torch.inference_mode():
+        ops = _ops(lambda: linear(x, w, b))
+    assert "mkldnn::_linear_pointwise" not in ops and "aten::linear" in ops
+
+
+@pytest.mark.filterwarnings("ignore:TF32")
+def test_other_dtypes_and_autocast_keep_the_stock_kernel():
+    x, w, b = _operands(BIG)
+    with torch.inference_mode():
+        assert "mkldnn::_linear_pointwise" not in _ops(lambda: linear(x.double(), w.double(), b.double()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = linear(x, w, b)
+        assert out.dtype == torch.bfloat16  # autocast decided, as for nn.Linear
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert "mkldnn::_linear_pointwise" not in _ops(lambda: linear(x, w, b))
+
+
+@pytest.mark.parametrize("frozen_weight", [False, True])
+def test_training_gradients_match_f_linear(frozen_weight):
+    x, w, b = _operands(BIG)
+    grads = []
+    for fn in (linear, F.linear):
+        xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+        ws.requires_grad_(not frozen_weight)
+        out = fn(xs, ws, bs)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append((out.detach(), xs.grad, ws.grad, bs.grad))
+    (o1, gx1, gw1, gb1), (o2, gx2, gw2, gb2) = grads
+    assert (o1 - o2).abs().max().item() <= 1e-4
+    assert (gx1 - gx2).abs().max().item() <= 1e-4
+    assert (gb1 - gb2).abs().max().item() <= 1e-4
+    assert (gw1 is None) == (gw2 is None) == frozen_weight
+    if not frozen_weight:
+        assert (gw1 - gw2).abs().max().item() <= 1e-4
+
+
+def test_training_runs_onednn_forward_and_backward():
+    x, w, b = _operands(BIG)
+    w.requires_grad_(True)
+
+    def step():
+        linear(x, w, b).sum().backward()
+
+    ops = _ops(step)
+    assert "mkldnn::_linear_pointwise" in ops
+    assert not {"aten::addmm", "aten::mm"} & ops  # neither direction fell back to the BLAS kernel
+
+
+def test_linear_module_is_a_drop_in_nn_linear():
+    torch.manual_seed(0)
+    ours, stock = Linear(*reversed(BIG)), nn.Linear(*reversed(BIG))
+    stock.load_state_dict(ours.state_dict())
+    assert isinstance(ours, nn.Linear) and list(ours.state_dict()) == ["weight", "bias"]
+    x = torch.randn(2, 3, BIG[1])
+    with torch.no_grad():
+        assert (ours(x) - stock(x)).abs().max().item() <= 1e-4
+
+
+def test_use_fast_linear_converts_plain_linears_only():
+    class Custom(nn.Linear):  # a subclass with its own forward (LoRA, quantised, ...) is left alone
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), Custom(4, 4), nn.Sequential(nn.Linear(4, 2)))
+    names_before = list(model.state_dict())
+    use_fast_linear(model)
+    assert [type(m) for m in model.modules() if isinstance(m, nn.Linear)] == [Linear, Custom, Linear]
+    assert list(model.state_dict()) == names_before
+
+
+def test_environment_switch_turns_it_off():
+    code = ("import torch; from splice.core import kernels; x = torch.randn(2, 512); w = torch.randn(640, 512)\n"
+            "from torch.profiler import profile\n"
+            "with torch.inference_mode(), profile() as p: kernels.linear(x, w)\n"
+            "print(kernels.FAST_LINEAR, 'mkldnn::_linear_pointwise' in {e.key for e in p.key_averages()})")
+    env = {**os.environ, "SPLICE_FAST_LINEAR": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["False", "False"]
+
+
+def test_wide_decoder_matches_transformers_through_onednn(tmp_path):
+    """A VED wide enough that every decoder projection takes oneDNN: same logits, loss and greedy tokens."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from oracle import tiny_ved
+
+    import splice
+
+    hf = tiny_ved(enc_width=48, dec_width=512, vocab=600, n_positions=24, tokens=(599, 0, 599), scale=0.05)
+    hf.save_pretrained(tmp_path)
+    ours = splice.load(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    px = torch.randn(2, 3, 32, 32, generator=g)
+    ids = torch.randint(0, 599, (2, 6), generator=g)
+    with torch.inference_mode():
+        a, b = hf(pixel_values=px, labels=ids), ours(pixel_values=px, labels=ids)
+        assert "mkldnn::_linear_pointwise" in _ops(lambda: ours(pixel_values=px, labels=ids))
+        want = hf.generate(pixel_values=px, max_new_tokens=8, do_sample=False, num_beams=1)
+    assert (a.logits - b.logits).abs().max().item() <= 1e-4
+    assert abs(a.loss.item() - b.loss.item()) <= 1e-5
+    assert ours.generate(px, max_new_tokens=8).tolist() == want.tolist()
