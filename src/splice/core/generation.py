@@ -531,12 +531,12 @@ def _greedy_or_sample(s: GenerationSettings, prompt: Tensor, logits: Tensor, ste
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)  # (N,)
         else:
             nxt = scores.argmax(-1)  # (N,)
-        if eos is not None:
+        if eos is not None and cur >= s.min_length:  # below min_length eos is banned: no row can end or be over
             nxt = torch.where(unfinished, nxt, pad)
             unfinished &= ~torch.isin(nxt, eos)
         seqs[:, cur] = nxt
         cur += 1
-        if cur >= s.max_length or (eos is not None and not bool(unfinished.any())):
+        if cur >= s.max_length or (eos is not None and cur > s.min_length and not bool(unfinished.any())):
             return seqs[:, :cur].contiguous()
         logits = step(seqs[:, cur - 1 : cur], cur)
 
