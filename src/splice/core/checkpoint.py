@@ -193,6 +193,12 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         ) from None
 
 
+# Linux: fault the whole anonymous mapping in at once (MAP_POPULATE), about 2x faster than page by page as
+# readinto fills it; elsewhere a plain anonymous mapping
+_POPULATE = (dict(flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+             if hasattr(mmap, "MAP_POPULATE") else {})
+
+
 class LazyTensors(Mapping):
     """Tensors of safetensors files read one at a time, each into its own memory (no shared mapping).
 
@@ -222,8 +228,8 @@ class LazyTensors(Mapping):
             return torch.empty(info["shape"], dtype=dtype)
         # an anonymous mapping per tensor: freeing a converted original returns its pages to the system at once
         # (malloc would keep them in a fragmented heap and the peak would grow)
-        buf = mmap.mmap(-1, end - begin)
-        with open(path, "rb") as f:
+        buf = mmap.mmap(-1, end - begin, **_POPULATE)
+        with open(path, "rb", buffering=0) as f:
             f.seek(start + begin)
             got = f.readinto(buf)
         if got != end - begin:

@@ -1,20 +1,21 @@
-"""The matrix multiply behind every ``nn.Linear`` of splice's own modules, picked per call for CPU inference.
+"""The matrix multiply behind every ``nn.Linear`` of splice's own modules, picked per call on the CPU.
 
-Stock ``F.linear`` on a CPU runs through the BLAS torch was built with (MKL). On the machines we measured, oneDNN's
-fp32 kernel (``torch.ops.mkldnn._linear_pointwise``, the one torch's own compiler emits for CPU linears) does the
-same product 1.5-2.5× faster, most of all for the few rows of a decoding step, where reading the weights is the
-whole cost (``docs/benchmarks.md``). It reads the ordinary ``(out, in)`` weight in place: nothing is repacked or
-copied, so memory stays at one copy of the weights.
+Stock ``F.linear`` on a CPU runs through the BLAS torch was built with (MKL). On the 2-core AMD EPYC we develop
+on, oneDNN's fp32 kernel (``torch.ops.mkldnn._linear_pointwise``, the one torch's own compiler emits for CPU
+linears) does the same product about 2× faster: 1.5-2.5× for the few rows of a decoding step, where reading the
+weights is the whole cost, and about 2.2× for the large products of an encoder forward or a training step
+(``docs/benchmarks.md``). It reads the ordinary ``(out, in)`` weight in place: nothing is repacked or copied, so
+memory stays at one copy of the weights.
 
 ``linear`` uses it only where it is a pure speed-up and the result is the same product (within fp32 rounding):
 
 - a CPU fp32 input and weight, not under CPU autocast and not inside ``torch.compile`` (which picks its own);
-- while training too: the backward products (input and weight gradients) go through oneDNN as well, in a
-  custom autograd function that is differentiable once (a second derivative needs ``SPLICE_FAST_LINEAR=0``);
-- a product big enough that the faster kernel beats its ~10 µs call overhead (about a 512 × 512 weight per row);
+- a product big enough that the faster kernel beats its ~10 µs call overhead (a 512 × 512 weight for one row);
+- with autograd too: the backward products (input and weight gradients) go through oneDNN as well, in a custom
+  autograd function that is differentiable once (a second derivative needs ``SPLICE_FAST_LINEAR=0``);
 
-and falls back to ``F.linear`` everywhere else. ``SPLICE_FAST_LINEAR=0`` in the environment (read at import) or
-``torch.backends.mkldnn.flags(enabled=False)`` turns it off.
+and falls back to ``F.linear`` everywhere else (GPUs, bf16, tiny layers). ``SPLICE_FAST_LINEAR=0`` in the
+environment (read at import) or ``torch.backends.mkldnn.flags(enabled=False)`` turns it off.
 
 ``Linear`` is ``nn.Linear`` with this forward (same parameters, same state-dict names); the native decoders and
 the adapters build theirs from it. ``use_fast_linear(module)`` gives the same forward to the plain ``nn.Linear``
