@@ -201,3 +201,19 @@ def test_generation_defaults_travel_with_the_model(tmp_path):
     assert json.loads((tmp_path / "m" / "generation.json").read_text()) == {"max_length": 5, "num_beams": 2}
     loaded = splice.load(tmp_path / "m")
     assert loaded.generate(torch.randn(1, 3, 32, 32), eos_token_id=[]).shape == (1, 5)
+
+
+@pytest.mark.slow
+def test_lazy_tensors_read_a_tensor_over_2_gib(tmp_path):
+    """One unbuffered read stops near 2 GiB on Linux: the reader loops until the tensor is complete."""
+    from splice.core.checkpoint import LazyTensors
+
+    n = (2 << 30) + 4096  # bytes, just over what a single read returns
+    header = json.dumps({"w": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.seek(8 + len(header) + n - 1)
+        f.write(b"\x07")  # sparse: zeros, then one marker byte at the very end
+    t = LazyTensors([path])["w"]
+    assert t.numel() == n and int(t[-1]) == 7

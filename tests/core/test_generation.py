@@ -252,6 +252,13 @@ def test_processor_options_match_transformers(gpt2, option, num_beams):
         assert set(got[:, 1].tolist()) == {3}
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_forced_eos_first_token_ends_despite_min_length(gpt2, num_beams):
+    """forced_bos acts after the min-length ban, so it can force eos at once: those rows end there."""
+    got = _both(gpt2, forced_bos_token_id=gpt2.eos[0], min_new_tokens=3, max_new_tokens=6, num_beams=num_beams)
+    assert set(got[:, 1].tolist()) == {gpt2.eos[0]}
+
+
 def test_no_repeat_ngram_really_bans(gpt2):
     got = gpt2.ours.generate(gpt2.px, max_new_tokens=12, no_repeat_ngram_size=2, eos_token_id=[])
     for row in got.tolist():

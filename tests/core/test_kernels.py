@@ -150,3 +150,37 @@ def test_wide_decoder_matches_transformers_through_onednn(tmp_path):
     assert (a.logits - b.logits).abs().max().item() <= 1e-4
     assert abs(a.loss.item() - b.loss.item()) <= 1e-5
     assert ours.generate(px, max_new_tokens=8).tolist() == want.tolist()
+
+
+def test_strided_or_broadcast_bias_keeps_the_stock_kernel():
+    x, w, b = _operands(BIG)
+    for bias in (torch.randn(2 * BIG[0])[::2], torch.randn(1).expand(BIG[0])):
+        with torch.inference_mode():
+            assert "mkldnn::_linear_pointwise" not in _ops(lambda: linear(x, w, bias))
+            assert (linear(x, w, bias) - F.linear(x, w, bias)).abs().max().item() <= 1e-4
+
+
+def test_frozen_weight_does_not_keep_the_input():
+    """As F.linear: only a weight that needs a gradient keeps the layer's input for backward."""
+    x, w, b = _operands(BIG)
+    with torch.inference_mode():
+        x = x.clone()  # an inference tensor cannot be saved for backward: this fails if it is kept
+    b.requires_grad_(True)
+    linear(x, w, b).sum().backward()
+    assert torch.equal(b.grad, torch.full_like(b, x.numel() // x.shape[-1]))
+
+
+def test_tracing_and_transforms_keep_the_stock_kernel():
+    layer = Linear(*reversed(BIG))
+    traced = torch.fx.symbolic_trace(layer)  # a proxy is not a tensor: F.linear records the call
+    x = torch.randn(2, BIG[1])
+    with torch.no_grad():
+        assert (traced(x) - layer(x)).abs().max().item() <= 1e-4
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    grad = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)
+    assert torch.allclose(grad["bias"], torch.full((BIG[0],), 2.0))
+    import torch.autograd.forward_ad as fwAD
+
+    with torch.no_grad(), fwAD.dual_level():
+        tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, torch.ones_like(x)))).tangent
+    assert tangent is not None and torch.allclose(tangent, F.linear(torch.ones_like(x), layer.weight), atol=1e-4)

@@ -229,9 +229,15 @@ class LazyTensors(Mapping):
         # an anonymous mapping per tensor: freeing a converted original returns its pages to the system at once
         # (malloc would keep them in a fragmented heap and the peak would grow)
         buf = mmap.mmap(-1, end - begin, **_POPULATE)
+        view, got = memoryview(buf), 0
         with open(path, "rb", buffering=0) as f:
             f.seek(start + begin)
-            got = f.readinto(buf)
+            while got < end - begin:  # one unbuffered read returns at most ~2 GiB on Linux
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        view.release()
         if got != end - begin:
             raise CheckpointError(f"{path}: tensor {name!r} is cut short ({got} of {end - begin} bytes)")
         return torch.frombuffer(buf, dtype=dtype).view(info["shape"])

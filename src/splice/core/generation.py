@@ -522,6 +522,9 @@ def _greedy_or_sample(s: GenerationSettings, prompt: Tensor, logits: Tensor, ste
     eos = processors.eos
     unfinished = torch.ones(N, dtype=torch.bool, device=prompt.device)
     pad = torch.tensor(s.pad if s.pad is not None else 0, device=prompt.device)
+    # below min_length the processors ban eos, so no row can end and the bookkeeping can wait; a forced first
+    # token (forced_bos, applied after the ban) may be eos, so it is tracked from the start then
+    track_from = s.min_length if s.forced_bos is None else 0
     cur = P
     while True:
         scores = logits.float()  # float32 as transformers (a no-op for fp32 models)
@@ -531,12 +534,12 @@ def _greedy_or_sample(s: GenerationSettings, prompt: Tensor, logits: Tensor, ste
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)  # (N,)
         else:
             nxt = scores.argmax(-1)  # (N,)
-        if eos is not None and cur >= s.min_length:  # below min_length eos is banned: no row can end or be over
+        if eos is not None and cur >= track_from:
             nxt = torch.where(unfinished, nxt, pad)
             unfinished &= ~torch.isin(nxt, eos)
         seqs[:, cur] = nxt
         cur += 1
-        if cur >= s.max_length or (eos is not None and cur > s.min_length and not bool(unfinished.any())):
+        if cur >= s.max_length or (eos is not None and cur > track_from and not bool(unfinished.any())):
             return seqs[:, :cur].contiguous()
         logits = step(seqs[:, cur - 1 : cur], cur)
 

@@ -9,7 +9,8 @@ memory stays at one copy of the weights.
 
 ``linear`` uses it only where it is a pure speed-up and the result is the same product (within fp32 rounding):
 
-- a CPU fp32 input and weight, not under CPU autocast and not inside ``torch.compile`` (which picks its own);
+- a CPU fp32 input and weight (plain tensors, a dense bias), not under CPU autocast, and not inside
+  ``torch.compile`` (which picks its own), tracing, ``torch.func`` transforms or forward-mode AD;
 - a product big enough that the faster kernel beats its ~10 µs call overhead (a 512 × 512 weight for one row);
 - with autograd too: the backward products (input and weight gradients) go through oneDNN as well, in a custom
   autograd function that is differentiable once (a second derivative needs ``SPLICE_FAST_LINEAR=0``);
@@ -29,6 +30,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad as _forward_ad
 from torch.autograd.function import once_differentiable
 
 __all__ = ["linear", "Linear", "use_fast_linear", "dropout", "FAST_LINEAR"]
@@ -40,24 +42,33 @@ FAST_LINEAR: bool = _ONEDNN_LINEAR is not None and os.environ.get("SPLICE_FAST_L
 # a single row counts as 4, because a lone matrix-vector product is bound by reading the weight, where it wins early
 _MIN_WORK = 1 << 20
 _MIN_WEIGHT = _MIN_WORK // 4  # smaller weights always take F.linear
+_PLAIN = (Tensor, nn.Parameter)
 
 
 def _fast(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether oneDNN takes this product (the conditions in the module doc)."""
     return (
         FAST_LINEAR
-        and weight.numel() >= _MIN_WEIGHT  # cheapest test first: tiny layers leave here
+        # plain tensors only: fx proxies, DTensor, fake and other subclasses keep F.linear's own handling
+        and type(x) is Tensor
+        and type(weight) in _PLAIN
+        and weight.numel() >= _MIN_WEIGHT  # tiny layers leave here
         and x.dim() >= 2
         and x.device.type == "cpu"
+        and weight.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
+        and (bias is None or (type(bias) in _PLAIN and bias.dtype == torch.float32 and bias.device.type == "cpu"
+                              and bias.dim() == 1 and bias.is_contiguous()))  # oneDNN reads the bias densely
         and x.numel() > 0
         and max(x.numel() // x.shape[-1], 4) * weight.numel() >= _MIN_WORK
         and weight.layout == torch.strided
         and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.enabled
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch._C._are_functorch_transforms_active()  # torch.func.grad / vmap / jvp
+        and getattr(_forward_ad, "_current_level", -1) < 0  # forward-mode AD: no tangent formula here
     )
 
 
@@ -77,7 +88,9 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        # as F.linear: the input is kept only for the weight's gradient, the weight only for the input's
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
         ctx.has_bias = bias is not None
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")  # (..., out)
 

@@ -81,7 +81,7 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, cache: Any, layer: int) -> Tensor:
         B, T, D = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         q, k, v = qkv.unbind(0)  # each (B, nh, T, hs)
         y = attention(q, k, v, mask, is_causal=is_causal, scale=self.scale, cache=cache, layer=layer,
                       dropout_p=self.attn_pdrop if self.training else 0.0)  # (B, T, D)
