@@ -13,7 +13,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from splice.core import kernels
-from splice.core.kernels import Linear, linear, use_fast_linear
+from splice.core.kernels import Linear, linear, use_fast_linear, use_stock_linear
 
 pytestmark = pytest.mark.skipif(not kernels.FAST_LINEAR, reason="this torch build has no oneDNN linear")
 
@@ -170,6 +170,7 @@ def test_frozen_weight_does_not_keep_the_input():
     assert torch.equal(b.grad, torch.full_like(b, x.numel() // x.shape[-1]))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.func uses torch.jit.script internally
 def test_tracing_and_transforms_keep_the_stock_kernel():
     layer = Linear(*reversed(BIG))
     traced = torch.fx.symbolic_trace(layer)  # a proxy is not a tensor: F.linear records the call
@@ -184,3 +185,17 @@ def test_tracing_and_transforms_keep_the_stock_kernel():
     with torch.no_grad(), fwAD.dual_level():
         tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, torch.ones_like(x)))).tangent
     assert tangent is not None and torch.allclose(tangent, F.linear(torch.ones_like(x), layer.weight), atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao is deprecated
+def test_use_stock_linear_lets_dynamic_quantization_find_the_layers():
+    model = nn.Sequential(Linear(*reversed(BIG)), nn.ReLU(), Linear(BIG[0], 8))
+    x = torch.randn(2, BIG[1])
+    with torch.no_grad():
+        want = model(x)
+    use_stock_linear(model)
+    assert [type(m) for m in model if isinstance(m, nn.Linear)] == [nn.Linear, nn.Linear]
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert type(quantized[0]).__module__.startswith("torch.ao.nn.quantized")
+    with torch.no_grad():
+        assert (quantized(x) - want).abs().max().item() < 0.1 * want.abs().max().item()

@@ -21,6 +21,7 @@ environment (read at import) or ``torch.backends.mkldnn.flags(enabled=False)`` t
 ``Linear`` is ``nn.Linear`` with this forward (same parameters, same state-dict names); the native decoders and
 the adapters build theirs from it. ``use_fast_linear(module)`` gives the same forward to the plain ``nn.Linear``
 layers of a module built elsewhere (timm's encoders). A third-party plugin may use either, or neither.
+``use_stock_linear(model)`` turns them all back into plain ``nn.Linear`` (for tools that match by exact class).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad as _forward_ad
 from torch.autograd.function import once_differentiable
 
-__all__ = ["linear", "Linear", "use_fast_linear", "dropout", "FAST_LINEAR"]
+__all__ = ["linear", "Linear", "use_fast_linear", "use_stock_linear", "dropout", "FAST_LINEAR"]
 
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 FAST_LINEAR: bool = _ONEDNN_LINEAR is not None and os.environ.get("SPLICE_FAST_LINEAR", "1") != "0"
@@ -125,6 +126,15 @@ def use_fast_linear(module: nn.Module) -> nn.Module:
     for m in module.modules():
         if type(m) is nn.Linear:
             m.__class__ = Linear
+    return module
+
+
+def use_stock_linear(module: nn.Module) -> nn.Module:
+    """The reverse of ``use_fast_linear``: every ``Linear`` in ``module`` becomes a plain ``nn.Linear``, in place.
+    For tools that match layers by exact class, e.g. ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear})``."""
+    for m in module.modules():
+        if type(m) is Linear:
+            m.__class__ = nn.Linear
     return module
 
 
