@@ -408,3 +408,16 @@ def test_kv_cache_reorder_and_repeat():
     assert torch.equal(cache.k[0][:, :, :4], before[index].flip(0))
     with pytest.raises(ValueError):
         cache.update(1, torch.zeros(6, 3, 3, 5), torch.zeros(6, 3, 3, 5))
+
+
+def test_generated_ids_can_be_training_labels(gpt2):
+    """Decoding runs in inference mode, but what it returns is a normal tensor: usable as labels for a step."""
+    ids = gpt2.ours.generate(gpt2.px, max_new_tokens=4)
+    assert not ids.is_inference()
+    model = gpt2.ours
+    model.train()
+    try:
+        model(pixel_values=gpt2.px, labels=ids).loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()

@@ -17,6 +17,7 @@ penalty, ``early_stopping`` heuristics). What differs is the plumbing:
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -356,7 +357,20 @@ class _Processors:
 # ---- generate ----------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
+def _outside_inference_mode(fn):
+    """Run ``fn`` under ``torch.inference_mode`` (the fastest decoding) and hand back a normal tensor: an
+    inference tensor could not be used later as training labels or anywhere autograd records."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode():
+            ids = fn(*args, **kwargs)
+        return ids.clone()  # (N, L) token ids: a copy of a few hundred integers
+
+    return wrapper
+
+
+@_outside_inference_mode
 def generate(
     model,
     pixel_values: Tensor | None = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -122,7 +121,6 @@ class EncoderDecoderModel(nn.Module):
             loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return Seq2SeqOutput(loss=loss, logits=out.logits, encoder_last_hidden_state=encoder_hidden, cache=out.cache)
 
-    @torch.inference_mode()
     def generate(self, pixel_values: Tensor | None = None, **kwargs) -> Tensor:
         """Token ids (B × num_return_sequences, prompt + new), the prompt defaulting to ``decoder_start``;
         see ``splice.core.generation.generate`` for every option."""
