@@ -44,6 +44,8 @@ FAST_LINEAR: bool = _ONEDNN_LINEAR is not None and os.environ.get("SPLICE_FAST_L
 _MIN_WORK = 1 << 20
 _MIN_WEIGHT = _MIN_WORK // 4  # smaller weights always take F.linear
 _PLAIN = (Tensor, nn.Parameter)
+# private torch hooks, read defensively: a torch without them simply never reports the state they detect
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _fast(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -68,7 +70,7 @@ def _fast(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and torch.backends.mkldnn.enabled
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
-        and not torch._C._are_functorch_transforms_active()  # torch.func.grad / vmap / jvp
+        and not _functorch_active()  # torch.func.grad / vmap / jvp
         and getattr(_forward_ad, "_current_level", -1) < 0  # forward-mode AD: no tangent formula here
     )
 
