@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -20,12 +18,14 @@ import torch
 from torch import Tensor
 
 from splice.core.errors import CheckpointError
+from splice.core.files import describe_files, inside, verify_files, write_folder
 from splice.core.processing import ImageProcessor
 
 SPLICE_CONFIG = "splice.json"
 WEIGHTS = "model.safetensors"
 GENERATION = "generation.json"  # generation defaults (max_length, num_beams, ...) saved with the model
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: splice.json records each file's size and SHA-256
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -38,6 +38,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # in the file, no place in the model
     unused: list[str] = field(default_factory=list)  # in the file, known to be unneeded (pooler, legacy buffers)
     initialised: list[str] = field(default_factory=list)  # newly initialised (e.g. new cross-attention)
+    nonfinite: list[str] = field(default_factory=list)  # loaded, but holding NaN or Inf
     notes: list[str] = field(default_factory=list)  # what a mapping did beyond renaming
 
     def __str__(self) -> str:
@@ -47,6 +48,7 @@ class LoadReport:
             ("unexpected", self.unexpected),
             ("unused", self.unused),
             ("newly initialised", self.initialised),
+            ("holding NaN or Inf", self.nonfinite),
         ):
             if names:
                 lines.append(f"  {label} ({len(names)}): {', '.join(names)}")
@@ -69,19 +71,25 @@ def map_from_hf(interop, tensors, hf_config: dict) -> tuple[dict, list[str], lis
 # -- saving ----------------------------------------------------------------------------------------------
 
 
+SPLICE_FILES = frozenset({SPLICE_CONFIG, WEIGHTS, GENERATION, "preprocessor_config.json", "tokenizer.json"})
+
+
 def save_pretrained(model, path: str | os.PathLike, *, extra_files: dict[str, bytes] | None = None) -> None:
-    """Write ``splice.json`` and ``model.safetensors`` into ``path``, replacing it atomically."""
+    """Write ``splice.json``, ``model.safetensors`` and the rest into ``path``, replacing it atomically.
+
+    ``path`` must be new, empty, or a folder an earlier save wrote: splice never deletes files it did not write
+    (see ``splice.core.files.write_folder``). ``splice.json`` records each file's size and SHA-256.
+    """
     from safetensors.torch import save_file
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    extra = dict(extra_files or {})
+    for name in extra:
+        inside(Path(path), name, what="extra_files")
+
+    def fill(tmp: Path) -> None:
         tensors, tied = _dedupe(model.state_dict())
         meta = {"format": "splice", "version": str(FORMAT_VERSION), "tied": json.dumps(tied)}
         save_file(tensors, tmp / WEIGHTS, metadata=meta)
-        config = {"format": "splice", "version": FORMAT_VERSION, "spec": model.spec}
-        (tmp / SPLICE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if model.generation_defaults:
             (tmp / GENERATION).write_text(json.dumps(model.generation_defaults, indent=2) + "\n")
         from splice.core.processing import processor_for
@@ -89,28 +97,12 @@ def save_pretrained(model, path: str | os.PathLike, *, extra_files: dict[str, by
         processor_for(model).save(tmp)
         if getattr(model, "tokenizer", None) is not None:
             (tmp / "tokenizer.json").write_text(model.tokenizer.to_str())
-        for name, data in (extra_files or {}).items():
+        for name, data in extra.items():
             (tmp / name).write_bytes(data)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        config = {"format": "splice", "version": FORMAT_VERSION, "spec": model.spec, "files": describe_files(tmp)}
+        (tmp / SPLICE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    if not target.is_dir():
-        raise CheckpointError(f"cannot save to {target}: it exists and is not a folder\n    fix: choose another path")
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rmdir(old)
-    os.replace(target, old)  # the previous checkpoint stays whole until the new one is in place
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    write_folder(path, fill, marker=SPLICE_CONFIG, owned=SPLICE_FILES | set(extra), what="checkpoint")
 
 
 def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -256,8 +248,14 @@ def lazy_weights(folder: Path) -> Mapping[str, Tensor]:
     if (folder / WEIGHTS).is_file():
         return LazyTensors([folder / WEIGHTS])
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        shards = sorted(set(weight_map.values()))
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no `weight_map` mapping of tensor names to shard files\n"
+                                  "    fix: download the whole checkpoint again")
+        shards = sorted(set(weight_map.values()), key=str)
+        for shard in shards:  # every shard is a file of this folder, never a path elsewhere
+            inside(folder, shard, what=f"{index}: weight_map")
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise CheckpointError(f"{index}: shard(s) {', '.join(missing)} are missing from {folder}\n"
@@ -313,16 +311,26 @@ def assign_weights(model, state: dict[str, Tensor], *, source: str, strict: bool
         )
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False, assign=True)
+    # by name, not torch's unexpected_keys: torch passes over tensors under an empty module slot (a decoder layer
+    # without cross-attention), which would drop them without a word
+    report.unexpected = sorted(set(state) - set(expected))
+    report.nonfinite = sorted(k for k, t in state.items() if k in expected and t.is_floating_point()
+                              and not bool(torch.isfinite(t).all()))
+    result = model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
     new = set(expected_new)
-    report.unexpected = sorted(result.unexpected_keys)
     report.missing = sorted(k for k in result.missing_keys if k not in new and _is_meta(model, k))
     report.loaded = sorted(set(state) - set(report.unexpected))
-    if strict and (report.missing or report.unexpected):
+    if strict and (report.missing or report.unexpected or report.nonfinite):
         raise CheckpointError(
-            f"{source}: the weights do not match the model\n" + report.listing("missing", "unexpected")
-            + "    fix: check that the folder's config and weights belong together (or load with strict=False)"
+            f"{source}: the weights do not match the model\n" + report.listing("missing", "unexpected", "nonfinite")
+            + "    fix: check that the folder's config and weights belong together (or load with strict=False, "
+            "which reports them)"
         )
+    if report.nonfinite:
+        import warnings
+
+        warnings.warn(f"{source}: {len(report.nonfinite)} weight(s) hold NaN or Inf: "
+                      f"{', '.join(report.nonfinite[:10])}", stacklevel=3)
     todo = sorted(k for k in result.missing_keys if _is_meta(model, k))
     if todo:
         assert fresh is not None, "missing weights but no way to initialise them"
@@ -344,11 +352,14 @@ def _is_meta(model, name: str) -> bool:
     return isinstance(t, Tensor) and t.device.type == "meta"
 
 
-def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, strict: bool = True, revision: str | None = None):
-    """A model from a splice folder, a transformers VisionEncoderDecoder folder, or a hub repo id."""
+def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, strict: bool = True, revision: str | None = None,
+         verify: bool = True):
+    """A model from a splice folder, a transformers VisionEncoderDecoder folder, or a hub repo id.
+
+    ``verify=False`` skips the SHA-256 check of a splice folder's files (sizes are still checked)."""
     folder = resolve_folder(path, revision=revision)
     if (folder / SPLICE_CONFIG).is_file():
-        return _load_splice(folder, dtype=dtype, strict=strict)
+        return _load_splice(folder, dtype=dtype, strict=strict, verify=verify)
     config_file = folder / "config.json"
     if config_file.is_file():
         from splice.core import transformers_format
@@ -384,15 +395,68 @@ def resolve_folder(path: str | os.PathLike, *, revision: str | None = None) -> P
     raise CheckpointError(f"{p}: no such folder\n    fix: check the path")
 
 
-def _load_splice(folder: Path, *, dtype, strict: bool):
+def read_json(path: Path, *, what: str = "") -> object:
+    """A JSON file as Python data; unreadable or malformed JSON is a ``CheckpointError`` naming the file."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON{what} ({type(exc).__name__}: {str(exc)[:200]})\n"
+                              "    fix: save or download the folder again") from None
+
+
+def _checked_splice_config(folder: Path, verify: bool) -> dict:
+    """``splice.json``: its format, a version this splice reads, a resolved spec, and the files it lists."""
+    path = folder / SPLICE_CONFIG
+    config = read_json(path)
+    if not isinstance(config, dict) or config.get("format") != "splice" or "spec" not in config:
+        raise CheckpointError(f"{path}: not a splice config (expected a mapping with format: splice and a spec)\n"
+                              "    fix: point at a folder written by model.save_pretrained")
+    version = config.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"{path}: format version {str(version)[:40]!r}; this splice reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}\n    fix: load it with the splice release that wrote it, "
+            "or upgrade splice")
+    spec = config["spec"]
+    if not isinstance(spec, dict):
+        raise CheckpointError(
+            f"{path}: spec is {type(spec).__name__} {str(spec)[:80]!r}; expected the resolved spec (a mapping), "
+            "never a reference to a file or preset\n    fix: save the model again with model.save_pretrained")
+    for role in ("encoder", "decoder"):
+        part = spec.get(role)
+        if isinstance(part, dict) and part.get("pretrained", False) is not False:
+            raise CheckpointError(
+                f"{path}: spec.{role}.pretrained is {str(part['pretrained'])[:80]!r}; a saved folder holds its own "
+                "weights, so it must be false\n    fix: save the model again with model.save_pretrained")
+    if version >= 2:
+        files = config.get("files")
+        if not isinstance(files, dict) or WEIGHTS not in files:
+            raise CheckpointError(f"{path}: no record of {WEIGHTS} under `files`\n    fix: save the model again")
+        verify_files(folder, files, source=str(path), check_hash=verify)
+    return config
+
+
+def _tied_aliases(meta: dict, tensors: dict, source: str) -> dict[str, str]:
+    try:
+        tied = json.loads(meta.get("tied", "{}"))
+    except ValueError:
+        tied = None
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise CheckpointError(f"{source}: metadata `tied` is not a mapping of tensor names\n    fix: save the model again")
+    for alias, original in tied.items():
+        if alias in tensors:
+            raise CheckpointError(f"{source}: metadata ties {alias!r} to {original!r}, but the file holds a tensor "
+                                  f"{alias!r} of its own\n    fix: save the model again")
+        if original not in tensors:
+            raise CheckpointError(f"{source}: metadata ties {alias!r} to {original!r}, which is not in the file\n"
+                                  "    fix: save the model again")
+    return tied
+
+
+def _load_splice(folder: Path, *, dtype, strict: bool, verify: bool = True):
     from splice.core.composer import validate
 
-    try:
-        config = json.loads((folder / SPLICE_CONFIG).read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{folder / SPLICE_CONFIG}: not valid JSON ({exc})") from None
-    if config.get("format") != "splice" or "spec" not in config:
-        raise CheckpointError(f"{folder / SPLICE_CONFIG}: not a splice config (no format/spec)")
+    config = _checked_splice_config(folder, verify)
     plan = validate(config["spec"])
     if not plan.ok:  # e.g. the plugin that provides a component is not installed here
         from splice.core.errors import error_for
@@ -401,13 +465,19 @@ def _load_splice(folder: Path, *, dtype, strict: bool):
     model = plan.meta_model
     from splice.core.composer import assemble
 
-    tensors, meta = read_safetensors(folder / WEIGHTS)
-    for alias, original in json.loads(meta.get("tied", "{}")).items():
+    weights = folder / WEIGHTS
+    tensors, meta = read_safetensors(weights)
+    if meta.get("format") != "splice" or meta.get("version") != str(config["version"]):
+        raise CheckpointError(
+            f"{weights}: its metadata says format {meta.get('format')!r} version {meta.get('version')!r}, but "
+            f"{SPLICE_CONFIG} says splice version {config['version']}\n"
+            "    fix: the files do not belong together; save the model again")
+    for alias, original in _tied_aliases(meta, tensors, str(weights)).items():
         tensors[alias] = tensors[original]
-    model.loading_report = assign_weights(model, tensors, source=str(folder / WEIGHTS), strict=strict, dtype=dtype,
+    model.loading_report = assign_weights(model, tensors, source=str(weights), strict=strict, dtype=dtype,
                                           fresh=lambda: assemble(plan))
     gen_file = folder / GENERATION
-    model.generation_defaults = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    model.generation_defaults = read_json(gen_file) if gen_file.is_file() else {}
     model.tokenizer = load_tokenizer(folder)
     model.image_processor = ImageProcessor.from_folder(folder)
     return model.eval()

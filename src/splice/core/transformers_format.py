@@ -11,12 +11,16 @@ from pathlib import Path
 
 import torch
 
-from splice.core.checkpoint import LazyTensors, assign_weights, lazy_weights, load_tokenizer, map_from_hf
+from splice.core.checkpoint import LazyTensors, assign_weights, lazy_weights, load_tokenizer, map_from_hf, read_json
 from splice.core.errors import CheckpointError, ConfigError
+from splice.core.files import write_folder
 from splice.core.plugins import get_registry
 from splice.core.processing import ImageProcessor
 
 VED_MODEL_TYPE = "vision-encoder-decoder"
+# what export_ved writes: a folder holding only these (and config.json) may be replaced by a new export
+EXPORT_FILES = frozenset({"config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json",
+                          "tokenizer.json"})
 
 
 def _first(*values):
@@ -67,7 +71,9 @@ def spec_from_ved_config(config: dict, *, source: str = "config.json") -> tuple[
 def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = True):
     from splice.core.composer import assemble, validate
 
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder / 'config.json'}: expected a JSON mapping, got {type(config).__name__}")
     spec, generation = spec_from_ved_config(config, source=str(folder / "config.json"))
     plan = validate(spec)
     if not plan.ok:
@@ -94,7 +100,8 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
     if gen_file.is_file():
         from splice.core.generation import GENERATION_OPTIONS
 
-        gen = json.loads(gen_file.read_text())
+        gen = read_json(gen_file)
+        gen = gen if isinstance(gen, dict) else {}
         generation.update({k: gen[k] for k in GENERATION_OPTIONS if gen.get(k) is not None})
     model.loading_report = assign_weights(
         model, state, source=str(folder), strict=strict, dtype=dtype, unused=unused, fresh=lambda: assemble(plan)
@@ -112,11 +119,8 @@ def export_ved(model, path) -> None:
     Only what transformers can express is exported: the standard cross-attention in every decoder layer, and a
     Linear projection (or none). Anything else raises ``CheckpointError`` naming what stands in the way.
     """
-    import tempfile
-
     from safetensors.torch import save_file
 
-    from splice.core.checkpoint import _swap_into_place
     from splice.core.processing import processor_for
 
     spec = model.spec
@@ -172,10 +176,8 @@ def export_ved(model, path) -> None:
                   eos_token_id=tokens.get("eos"))
     generation = {"decoder_start_token_id": tokens.get("decoder_start"), "pad_token_id": tokens.get("pad"),
                   "eos_token_id": tokens.get("eos"), **model.generation_defaults}
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -183,9 +185,5 @@ def export_ved(model, path) -> None:
         processor_for(model).save(tmp)
         if model.tokenizer is not None:
             (tmp / "tokenizer.json").write_text(model.tokenizer.to_str())
-        _swap_into_place(tmp, target)
-    except BaseException:
-        import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_folder(path, fill, marker="config.json", owned=EXPORT_FILES, what="transformers export")
