@@ -54,11 +54,14 @@ def compose(spec, *, seed: int | None = None, strict: bool = False):
     return _compose(spec, seed=seed, strict=strict)
 
 
-def load(path, *, dtype=None, strict: bool = True, revision: str | None = None):
-    """Load a splice folder, a transformers VisionEncoderDecoder folder, or a hub repo id."""
+def load(path, *, dtype=None, strict: bool = True, revision: str | None = None, verify: bool = True):
+    """Load a splice folder, a transformers VisionEncoderDecoder folder, or a hub repo id.
+
+    ``strict`` (the default) fails on any missing, unexpected or non-finite weight; ``strict=False`` lists them
+    in ``model.loading_report``. ``verify=False`` skips the SHA-256 check of a splice folder's files."""
     from splice.core.checkpoint import load as _load
 
-    return _load(path, dtype=dtype, strict=strict, revision=revision)
+    return _load(path, dtype=dtype, strict=strict, revision=revision, verify=verify)
 
 
 def export_transformers(model, path) -> None:

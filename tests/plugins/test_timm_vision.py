@@ -127,7 +127,7 @@ def test_timm_generic_rejects():
     with pytest.raises(ValidationError, match="num_classes"):
         tv.TimmConfig(model="resnet18", kwargs={"num_classes": 10})
     with pytest.raises(ConfigError, match="kwargs"):
-        ENTRIES["timm"].builder(tv.TimmConfig(model="convnext_atto", kwargs={"no_such_arg": 1}))
+        ENTRIES["timm"].builder(tv.TimmConfig(model="convnext_atto", kwargs={"window_size": 7}))
 
 
 # ---------------------------------------------------------------------------------------------------------------

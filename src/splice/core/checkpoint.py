@@ -433,6 +433,12 @@ def _checked_splice_config(folder: Path, verify: bool) -> dict:
         if not isinstance(files, dict) or WEIGHTS not in files:
             raise CheckpointError(f"{path}: no record of {WEIGHTS} under `files`\n    fix: save the model again")
         verify_files(folder, files, source=str(path), check_hash=verify)
+        added = sorted(n for n in SPLICE_FILES - {SPLICE_CONFIG} - set(files) if (folder / n).exists())
+        if added:
+            raise CheckpointError(
+                f"{folder}: {', '.join(added)} not recorded in {SPLICE_CONFIG}: added or changed after the save\n"
+                "    fix: remove it, or attach it to the model (model.tokenizer, model.generation_defaults, ...) and "
+                "save again")
     return config
 
 

@@ -137,6 +137,8 @@ class HFInterop:
     return a third item, notes for the loading report (e.g. a tensor filled from a shared one).
     ``config_to_hf(values)`` and ``state_dict_to_hf(state_dict, hf_config)`` go the other way (export, and the
     registry-wide parity tests); ``config_to_hf`` returns a transformers config dict including ``model_type``.
+    ``ignorable`` names the unused tensors that are expected (anything else unused fails a strict load, so a
+    config that describes fewer layers than the file holds is caught).
     """
 
     model_types: tuple[str, ...]
@@ -144,6 +146,9 @@ class HFInterop:
     state_dict_from_hf: Callable[[dict[str, Tensor], dict], tuple[dict[str, Tensor], list[str]]]
     state_dict_to_hf: Callable[[dict[str, Tensor], dict], dict[str, Tensor]] | None = None
     config_to_hf: Callable[[dict], dict] | None = None
+    # regular expressions (full match, names as state_dict_from_hf gets them) for tensors this family's files carry
+    # that have no place in the module: a pooler, legacy buffers. A strict load refuses any other unused tensor.
+    ignorable: tuple[str, ...] = ()
 
 
 Builder = Callable[[Any], nn.Module]

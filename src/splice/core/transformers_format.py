@@ -7,6 +7,7 @@ this module splits the folder's ``config.json`` and tensors between them.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -81,12 +82,13 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
     model = plan.meta_model
     tensors = lazy_weights(folder)  # read one tensor at a time, so converted originals are freed as we go
     state, unused, notes = {}, [], []
+    unexpected = []  # unused tensors nobody said to expect: a strict load refuses them
     for name in tensors:
         head = name.partition(".")[0]
         if head == "enc_to_dec_proj":
             state[name] = tensors[name]
         elif head not in ("encoder", "decoder"):
-            unused.append(name)
+            unexpected.append(name)
     for role, part in (("encoder", plan.encoder), ("decoder", plan.decoder)):
         if isinstance(tensors, LazyTensors):
             group = tensors.with_prefix(f"{role}.")
@@ -95,7 +97,15 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
         mapped, role_unused, role_notes = map_from_hf(part.entry.hf, group, config[role])
         notes.extend(f"{role}: {n}" for n in role_notes)
         state.update({f"{role}.{k}": v for k, v in mapped.items()})
-        unused.extend(f"{role}.{k}" for k in role_unused)
+        expected_unused = [re.compile(p) for p in getattr(part.entry.hf, "ignorable", ())]
+        for k in role_unused:
+            (unused if any(p.fullmatch(k) for p in expected_unused) else unexpected).append(f"{role}.{k}")
+    if strict and unexpected:
+        raise CheckpointError(
+            f"{folder}: {len(unexpected)} tensor(s) in the folder have no place in the model its config.json "
+            f"describes: {', '.join(sorted(unexpected)[:10])}{' ...' if len(unexpected) > 10 else ''}\n"
+            "    fix: check that config.json and the weights belong together (a layer count, a size), or load "
+            "with strict=False, which lists them as unexpected")
     gen_file = folder / "generation_config.json"
     if gen_file.is_file():
         from splice.core.generation import GENERATION_OPTIONS
@@ -107,6 +117,7 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
         model, state, source=str(folder), strict=strict, dtype=dtype, unused=unused, fresh=lambda: assemble(plan)
     )
     model.loading_report.notes = notes
+    model.loading_report.unexpected = sorted(set(model.loading_report.unexpected) | set(unexpected))
     model.generation_defaults = generation
     model.tokenizer = load_tokenizer(folder)
     model.image_processor = ImageProcessor.from_folder(folder)

@@ -402,7 +402,8 @@ def state_dict_to_hf(sd: dict[str, Tensor], hf_config: dict) -> dict[str, Tensor
 
 
 HF = HFInterop(model_types=("bart",), config_from_hf=config_from_hf, state_dict_from_hf=state_dict_from_hf,
-               state_dict_to_hf=state_dict_to_hf, config_to_hf=config_to_hf)
+               state_dict_to_hf=state_dict_to_hf, config_to_hf=config_to_hf,
+               ignorable=(r"final_logits_bias", r"(?:model\.)?encoder\..+", r".*\.version"))
 
 
 @hookimpl

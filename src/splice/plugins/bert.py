@@ -27,6 +27,8 @@ read as ``weight/bias``; the pooler, the next-sentence head and the ``position_i
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -378,9 +380,12 @@ class HFLayout:
         return out
 
     def interop(self) -> HFInterop:
+        base = f"(?:{re.escape(self.prefix)})?"
+        ignorable = (base + r"pooler\..+", base + r"embeddings\.(?:position_ids|token_type_ids)",
+                     r"cls\.seq_relationship\..+", re.escape(self.head_bias))
         return HFInterop(model_types=(self.model_type,), config_from_hf=self.config_from_hf,
                          state_dict_from_hf=self.state_dict_from_hf, state_dict_to_hf=self.state_dict_to_hf,
-                         config_to_hf=self.config_to_hf)
+                         config_to_hf=self.config_to_hf, ignorable=ignorable)
 
     def exports(self) -> tuple[Callable, Callable, Callable, Callable, HFInterop]:
         """What a BERT-family plugin module exports: ``config_from_hf, config_to_hf, state_dict_from_hf,

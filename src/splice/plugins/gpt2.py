@@ -297,7 +297,8 @@ def state_dict_to_hf(sd: dict[str, Tensor], hf_config: dict) -> dict[str, Tensor
 
 
 HF = HFInterop(model_types=("gpt2",), config_from_hf=config_from_hf, state_dict_from_hf=state_dict_from_hf,
-               state_dict_to_hf=state_dict_to_hf, config_to_hf=config_to_hf)
+               state_dict_to_hf=state_dict_to_hf, config_to_hf=config_to_hf,
+               ignorable=(r"(?:transformer\.)?h\.\d+\.(?:attn|crossattention)\.(?:bias|masked_bias)",))  # 4.x buffers
 
 
 @hookimpl

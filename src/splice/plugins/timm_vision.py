@@ -318,14 +318,55 @@ class TimmConfig(_Strict):
 
     @field_validator("kwargs")
     @classmethod
-    def _no_reserved(cls, v: dict[str, Any]) -> dict[str, Any]:
+    def _allowed(cls, v: dict[str, Any]) -> dict[str, Any]:
         reserved = sorted({"pretrained", "num_classes", "img_size"} & v.keys())
         if reserved:
             raise ValueError(
                 f"kwargs sets {reserved}, which splice controls; expected other timm arguments; fix: remove "
                 "them (img_size has its own field; weights come from the spec's `pretrained`)"
             )
+        for key, value in v.items():
+            if key not in TIMM_KWARGS:
+                close = difflib.get_close_matches(str(key), sorted(TIMM_KWARGS), n=1, cutoff=0.6)
+                raise ValueError(
+                    f"kwargs.{str(key)[:60]} is not an architecture option splice passes to timm (files, pretrained "
+                    "overlays, feature extraction and layer factories are never taken from a spec); expected one "
+                    f"of {', '.join(sorted(TIMM_KWARGS))}; fix: "
+                    + (f"did you mean {close[0]!r}?" if close else "remove it"))
+            choices = TIMM_KWARGS[key]
+            ok = (value in choices if isinstance(value, str) else _plain(value)) if choices else _plain(value)
+            if not ok:
+                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+                raise ValueError(
+                    f"kwargs.{key} is {shown}; expected "
+                    + (f"one of {sorted(choices)} or a number" if choices else "a number, a boolean or a list of them")
+                    + f"; fix: give `{key}` a plain value")
         return v
+
+
+def _plain(value: Any) -> bool:
+    """A number, a boolean, or a (nested, short) list of them: what an architecture option is."""
+    if isinstance(value, (bool, int, float)):
+        return True
+    return isinstance(value, (list, tuple)) and len(value) <= 64 and all(_plain(x) for x in value)
+
+
+# What a spec may pass to timm.create_model: architecture options with plain values. Strings only where a key
+# takes a word, and then only the listed words. Nothing names a file, a pretrained config or a class to build.
+TIMM_KWARGS: dict[str, frozenset[str]] = {
+    **dict.fromkeys((
+        "depth", "depths", "embed_dim", "embed_dims", "dims", "widths", "layers", "num_heads", "mlp_ratio",
+        "mlp_ratios", "qkv_bias", "qk_norm", "in_chans", "patch_size", "window_size", "drop_rate",
+        "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate", "patch_drop_rate", "init_values",
+        "class_token", "no_embed_class", "reg_tokens", "pre_norm", "final_norm", "fc_norm", "dynamic_img_size",
+        "dynamic_img_pad", "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias",
+        "layer_scale_init_value", "ls_init_value", "output_stride", "stem_width", "kernel_sizes", "conv_mlp",
+        "use_grn", "head_hidden_size", "num_features", "channels", "width_multiplier", "stem_chs",
+        "conv_bias", "use_pos_emb", "strict_img_size",
+    ), frozenset()),
+    "global_pool": frozenset({"", "avg", "max", "avgmax", "catavgmax", "token", "map"}),
+    "pos_embed": frozenset({"learn", "none", ""}),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -707,6 +748,7 @@ def _hf(model_types: tuple[str, ...], family: str) -> HFInterop:
         config_from_hf=config_from_hf,
         state_dict_from_hf=lambda sd, hf: _from_hf(sd, *tables(hf)),
         state_dict_to_hf=lambda sd, hf: _to_hf(sd, *tables(hf)),
+        ignorable=(r"pooler\..+", r"(?:.*\.)?position_ids"),  # the base model's pooler has no place in an encoder
     )
 
 
