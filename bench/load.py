@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,7 +34,8 @@ PROBE = textwrap.dedent("""
     else:
         import splice, splice.core.checkpoint, splice.plugins.timm_vision, splice.plugins.gpt2, timm
         splice.validate("vit-gpt2-tiny")  # plugins loaded: part of the import baseline
-        load = lambda: splice.load(folder)
+        verify = kind != "splice-noverify"  # the SHA-256 check of a splice folder's files, on by default
+        load = lambda: splice.load(folder, verify=verify)
     import gc; gc.collect()
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
     base = rss("VmRSS:")
@@ -51,8 +53,9 @@ PROBE = textwrap.dedent("""
 
 def make_checkpoints(workdir: Path) -> tuple[Path, Path]:
     ved, native = workdir / "ved", workdir / "splice"
-    if ved.is_dir() and native.is_dir():
-        return ved, native
+    if ved.is_dir() and native.is_dir() and '"files"' in (native / "splice.json").read_text():
+        return ved, native  # (a splice folder saved before checksums is made again)
+    shutil.rmtree(native, ignore_errors=True)
     code = textwrap.dedent(f"""
         import torch, transformers, splice
         torch.manual_seed(0)
@@ -81,6 +84,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     ved, native = make_checkpoints(workdir)
     cases = [("transformers", "transformers", ved), ("splice: splice folder", "splice", native),
+             ("splice: splice folder, verify=False", "splice-noverify", native),
              ("splice: transformers folder", "splice", ved)]
     results: dict[str, list[dict]] = {name: [] for name, _, _ in cases}
     for _ in range(args.runs):  # interleaved
