@@ -38,6 +38,15 @@ def _hidden(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
+def _saved_then_edited(model, folder: Path, edit) -> Path:
+    """Save ``model`` to ``folder``, then change its splice.json by hand through ``edit(config)``."""
+    model.save_pretrained(folder)
+    cfg = json.loads((folder / "splice.json").read_text())
+    edit(cfg)
+    (folder / "splice.json").write_text(json.dumps(cfg))
+    return folder
+
+
 # -- a save never deletes what it did not write ------------------------------------------------------------
 
 
@@ -138,20 +147,15 @@ def test_a_saved_folder_naming_a_pickle_is_refused_before_anything_runs(pair, tm
 
 @pytest.mark.parametrize("spec", ["vit-gpt2-tiny", str(EXAMPLE)])
 def test_a_saved_spec_must_be_the_resolved_spec_not_a_reference(pair, tmp_path, spec):
-    pair[0].save_pretrained(tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "splice.json").read_text())
-    cfg["spec"] = spec
-    (tmp_path / "m" / "splice.json").write_text(json.dumps(cfg))
+    _saved_then_edited(pair[0], tmp_path / "m", lambda cfg: cfg.update(spec=spec))
     with pytest.raises(CheckpointError, match="resolved spec"):
         splice.load(tmp_path / "m")
 
 
 def test_a_saved_spec_cannot_name_pretrained_weights_elsewhere(pair, tmp_path):
-    pair[0].save_pretrained(tmp_path / "m")
     pair[1].save_pretrained(tmp_path / "other")
-    cfg = json.loads((tmp_path / "m" / "splice.json").read_text())
-    cfg["spec"]["decoder"]["pretrained"] = str(tmp_path / "other")
-    (tmp_path / "m" / "splice.json").write_text(json.dumps(cfg))
+    elsewhere = str(tmp_path / "other")
+    _saved_then_edited(pair[0], tmp_path / "m", lambda cfg: cfg["spec"]["decoder"].update(pretrained=elsewhere))
     with pytest.raises(CheckpointError, match="pretrained"):
         splice.load(tmp_path / "m")
 
@@ -174,10 +178,7 @@ def test_a_shard_index_cannot_reach_outside_the_folder(pair, tmp_path, shard):
 
 
 def test_editing_the_saved_layers_cannot_drop_trained_tensors(pair, tmp_path):
-    pair[0].save_pretrained(tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "splice.json").read_text())
-    cfg["spec"]["cross_attention"]["layers"] = [0]
-    (tmp_path / "m" / "splice.json").write_text(json.dumps(cfg))
+    _saved_then_edited(pair[0], tmp_path / "m", lambda cfg: cfg["spec"]["cross_attention"].update(layers=[0]))
     with pytest.raises(CheckpointError, match=r"unexpected \(10\).*decoder\.h\.1\.crossattention"):
         splice.load(tmp_path / "m", verify=False)
     loose = splice.load(tmp_path / "m", strict=False, verify=False)
@@ -216,10 +217,7 @@ def test_a_tied_alias_cannot_overwrite_a_tensor(pair, tmp_path):
 
 @pytest.mark.parametrize("version", [999, "2", None, 0, True])
 def test_unknown_format_versions_are_refused(pair, tmp_path, version):
-    pair[0].save_pretrained(tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "splice.json").read_text())
-    cfg["version"] = version
-    (tmp_path / "m" / "splice.json").write_text(json.dumps(cfg))
+    _saved_then_edited(pair[0], tmp_path / "m", lambda cfg: cfg.update(version=version))
     with pytest.raises(CheckpointError, match="format version"):
         splice.load(tmp_path / "m")
 
@@ -228,11 +226,7 @@ def test_a_version_1_folder_still_loads(pair, tmp_path):
     """Folders saved before checksums: no record to verify, everything else checked as before."""
     from safetensors.torch import load_file, save_file
 
-    pair[0].save_pretrained(tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "splice.json").read_text())
-    cfg["version"] = 1
-    del cfg["files"]
-    (tmp_path / "m" / "splice.json").write_text(json.dumps(cfg))
+    _saved_then_edited(pair[0], tmp_path / "m", lambda cfg: (cfg.update(version=1), cfg.pop("files")))
     f = tmp_path / "m" / "model.safetensors"
     save_file(load_file(f), f, metadata={"format": "splice", "version": "1", "tied": "{}"})
     assert _same(splice.load(tmp_path / "m"), pair[0])
