@@ -314,8 +314,7 @@ def assign_weights(model, state: dict[str, Tensor], *, source: str, strict: bool
     # by name, not torch's unexpected_keys: torch passes over tensors under an empty module slot (a decoder layer
     # without cross-attention), which would drop them without a word
     report.unexpected = sorted(set(state) - set(expected))
-    report.nonfinite = sorted(k for k, t in state.items() if k in expected and t.is_floating_point()
-                              and not bool(torch.isfinite(t).all()))
+    report.nonfinite = sorted(k for k, t in state.items() if k in expected and _has_nonfinite(t))
     result = model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
     new = set(expected_new)
     report.missing = sorted(k for k in result.missing_keys if k not in new and _is_meta(model, k))
@@ -343,6 +342,14 @@ def assign_weights(model, state: dict[str, Tensor], *, source: str, strict: bool
     if dtype is not None:
         model.to(dtype)
     return report
+
+
+def _has_nonfinite(t: Tensor) -> bool:
+    """NaN or Inf anywhere in a float tensor. A sum propagates both and needs no tensor-sized temporary (which
+    would grow the heap during a load); only a sum that overflowed on finite values needs the exact check."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return False
+    return not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all())
 
 
 def _is_meta(model, name: str) -> bool:
