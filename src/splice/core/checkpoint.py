@@ -402,12 +402,12 @@ def resolve_folder(path: str | os.PathLike, *, revision: str | None = None) -> P
     raise CheckpointError(f"{p}: no such folder\n    fix: check the path")
 
 
-def read_json(path: Path, *, what: str = "") -> object:
+def read_json(path: Path) -> object:
     """A JSON file as Python data; unreadable or malformed JSON is a ``CheckpointError`` naming the file."""
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON{what} ({type(exc).__name__}: {str(exc)[:200]})\n"
+        raise CheckpointError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})\n"
                               "    fix: save or download the folder again") from None
 
 

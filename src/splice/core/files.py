@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from splice.core.errors import CheckpointError, SpliceError
+from splice.core.errors import CheckpointError
 
 try:
     import fcntl
@@ -111,16 +111,10 @@ def write_folder(target: str | os.PathLike, fill: Callable[[Path], None], *, mar
             _fsync(tmp)
             _install(tmp, target)
             _fsync(parent)
-        except SpliceError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        except Exception as exc:
+        except BaseException as exc:  # Ctrl-C included: nothing half written stays behind
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
                 raise _disk_error(exc, target, what) from None
-            raise
-        except BaseException:  # Ctrl-C: nothing half written stays behind
-            shutil.rmtree(tmp, ignore_errors=True)
             raise
 
 

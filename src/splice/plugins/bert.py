@@ -28,7 +28,6 @@ read as ``weight/bias``; the pooler, the next-sentence head and the ``position_i
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -266,7 +265,6 @@ class HFLayout:
     head_decoder: str
     config_cls: type[BertConfig]
     hf_defaults: dict[str, Any] = field(default_factory=dict)  # transformers' defaults where ours differ
-    unused: tuple[str, ...] = ("pooler.",)  # name prefixes (after ``prefix``) that have no place in a decoder
 
     @property
     def head(self) -> dict[str, str]:

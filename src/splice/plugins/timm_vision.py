@@ -334,8 +334,7 @@ class TimmConfig(_Strict):
                     f"of {', '.join(sorted(TIMM_KWARGS))}; fix: "
                     + (f"did you mean {close[0]!r}?" if close else "remove it"))
             choices = TIMM_KWARGS[key]
-            ok = (value in choices if isinstance(value, str) else _plain(value)) if choices else _plain(value)
-            if not ok:
+            if not (value in choices if isinstance(value, str) else _plain(value)):
                 shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
                 raise ValueError(
                     f"kwargs.{key} is {shown}; expected "
