@@ -179,7 +179,7 @@ def _cmd_train(args) -> int:
     return 130 if result.stopped == "interrupted" else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splice", description="Compose vision encoders with text decoders.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -223,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_demo)
 
+    _add_train(sub)
+    return parser
+
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a spec or a saved model on captioned images (Ctrl-C saves a checkpoint)")
     p.add_argument("model", help="a spec (YAML/JSON or preset) or a saved model folder")
     p.add_argument("--data", required=True, help="'shapes' (synthetic), an imagefolder folder, or a .jsonl of {image, text}")
@@ -256,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.set_defaults(fn=_cmd_train)
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         return args.fn(args)
     except SpliceError as exc:

@@ -696,48 +696,18 @@ class _Run:
 
     # -- the loop --
     def run(self) -> TrainResult:
-        cfg, dist, model = self.cfg, self.dist, self.model
-        if self.resume_from is not None:
-            state = restore_checkpoint(self.resume_from, model, self.optimizer, self.device, dist.rank)
-            self.step, self.samples, self.elapsed0 = state["step"], state["samples"], state["elapsed_s"]
-            _print(self.main, f"resumed from {self.resume_from} at step {self.step} ({self.samples:,} samples seen)")
-        for rep in self.reports:
-            _print(self.main, rep.summary())
-        if self.main and self.reports:
-            (self.out / "data_report.json").write_text(json.dumps([r.to_dict() for r in self.reports], indent=2) + "\n")
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        _print(self.main, f"training {trainable:,} of {total:,} parameters on {dist.world} x {self.device} "
-                          f"({self.precision}, {torch.get_num_threads()} threads); batch {cfg.batch_size} "
-                          f"({dist.world} process{'es' if dist.world > 1 else ''} x {cfg.grad_accum} "
-                          f"micro-batch{'es' if cfg.grad_accum > 1 else ''} of "
-                          f"{cfg.batch_size // (dist.world * cfg.grad_accum)}); lr {cfg.lr} {cfg.schedule}, "
-                          f"warm-up {cfg.warmup_steps}")
-        self.log({"event": "resume" if self.resume_from else "start", "step": self.step, "world_size": dist.world,
-                  "config": dataclasses.asdict(cfg), "trainable_params": trainable, "params": total})
-
-        wrapped = model
-        if dist.on:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            wrapped = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        loader = torch.utils.data.DataLoader(
-            _Micro(self.source, self.samples, cfg.batch_size, dist.world, dist.rank, cfg.grad_accum),
-            batch_size=None, sampler=_Count(), num_workers=cfg.workers, persistent_workers=False,
-            prefetch_factor=2 if cfg.workers else None, pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed),  # leaves the global RNG (dropout) alone
-        )
-        batches = iter(loader)
+        cfg, dist = self.cfg, self.dist
+        self._announce()
+        wrapped, batches = self._loader()
         bar = Progress(cfg.progress and self.main, cfg.max_steps, cfg.max_minutes * 60 if cfg.max_minutes else None)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad]
         t0 = time.perf_counter() - self.elapsed0
         last_save = time.perf_counter()
         step_time = None  # moving average of one step's seconds, for the time budget
-        window_loss, window_tok, window_samples, window_t = 0.0, 0, 0, time.perf_counter()
-        grad_norm = torch.zeros(())
-        stopped, updating, skipped_rows, collective = None, False, 0, True
-        lr = lr_at(cfg, self.step, self.progress(self.step, self.elapsed0))
-        model.train()
+        window = _Window()
+        stopped, skipped_rows, collective = None, 0, True
+        self._updating = False
+        self.model.train()
         try:
             with _Stop() as stop:
                 while True:
@@ -761,29 +731,7 @@ class _Run:
                         break
                     elapsed, ntok_global = float(ctrl[2]), float(ctrl[0])
                     lr = lr_at(cfg, self.step, self.progress(self.step, elapsed))
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    loss_sum = torch.zeros((), dtype=torch.float64)
-                    for i, b in enumerate(micro):
-                        if b["labels"] is None:
-                            continue
-                        px = b["pixel_values"].to(self.device, non_blocking=True)
-                        labels = b["labels"].to(self.device, non_blocking=True)
-                        sync = nullcontext() if (not dist.on or i == len(micro) - 1) else wrapped.no_sync()
-                        with sync:
-                            with autocast_for(self.precision, self.device):
-                                s = token_loss_sum(wrapped, px, labels)
-                            # DDP averages gradients over processes: scale so the result is the global token mean
-                            (s * (dist.world / max(ntok_global, 1.0))).backward()
-                        loss_sum += s.detach().double().cpu()
-                    # the global norm is logged either way; max_norm inf measures without clipping
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-                    updating = True
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.step += 1
-                    self.samples += cfg.batch_size
-                    updating = False
+                    loss_sum, grad_norm = self._update(wrapped, micro, params, lr, ntok_global)
 
                     dt = time.perf_counter() - t_step
                     step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
@@ -792,46 +740,117 @@ class _Run:
                     post = dist.sum(torch.tensor([float(loss_sum), float(late and self.main)], dtype=torch.float64))
                     loss_global = float(post[0]) / max(ntok_global, 1.0)
                     save_due = save_due or bool(post[1] > 0)
-                    window_loss += loss_global * ntok_global
-                    window_tok += int(ntok_global)
-                    window_samples += cfg.batch_size
-                    elapsed = time.perf_counter() - t0
-                    info = {"loss": loss_global, "lr": lr, "grad_norm": float(grad_norm)}
-                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                        now = time.perf_counter()
-                        rate = window_samples / max(now - window_t, 1e-9)
-                        self.last_loss = window_loss / max(window_tok, 1)
-                        row = {"step": self.step, "loss": self.last_loss, "lr": lr, "grad_norm": float(grad_norm),
-                               "samples": self.samples, "samples_per_s": rate, "elapsed_s": elapsed}
-                        if skipped_rows:
-                            row["rows_failed_to_load"] = skipped_rows
-                        self.log(row)
-                        bar.update(self.step, elapsed, self.last_loss, lr, rate)
-                        window_loss, window_tok, window_samples, window_t = 0.0, 0, 0, now
-                    else:
-                        bar.update(self.step, elapsed, window_loss / window_tok if window_tok else self.last_loss, lr,
-                                   window_samples / max(time.perf_counter() - window_t, 1e-9))
-                    if cfg.eval_every and self.step % cfg.eval_every == 0:
-                        self.last_eval = self.evaluate()
-                        if self.last_eval and self.main:
-                            bar.write(f"step {self.step} " + format_eval(self.last_eval))
+                    window.add(loss_global, ntok_global, cfg.batch_size)
+                    self._report(window, bar, lr, grad_norm, time.perf_counter() - t0, skipped_rows)
                     if save_due:
                         self.save(time.perf_counter() - t0, "periodic")
                         last_save = time.perf_counter()
+                    info = {"loss": loss_global, "lr": lr, "grad_norm": float(grad_norm)}
                     for cb in self.callbacks:
                         try:
                             cb(self.step, info)
                         except KeyboardInterrupt:
                             stop.requested = True
         except KeyboardInterrupt as exc:
-            if updating or isinstance(exc, _Abort):
+            if self._updating or isinstance(exc, _Abort):
                 raise  # asked to abort, or stopped inside optimizer.step (half-updated: nothing consistent to save)
             stopped, collective = "interrupted", False  # this process alone: the others may be anywhere
         finally:
             bar.close()
-        elapsed = time.perf_counter() - t0
-        if self.last_loss is None and window_tok:
-            self.last_loss = window_loss / window_tok
+        if self.last_loss is None and window.tokens:
+            self.last_loss = window.mean()
+        return self._finish(time.perf_counter() - t0, stopped, collective)
+
+    def _announce(self) -> None:
+        """Resume if asked, then say what is trained, where and how (stdout and the metrics log)."""
+        cfg, dist, model = self.cfg, self.dist, self.model
+        if self.resume_from is not None:
+            state = restore_checkpoint(self.resume_from, model, self.optimizer, self.device, dist.rank)
+            self.step, self.samples, self.elapsed0 = state["step"], state["samples"], state["elapsed_s"]
+            _print(self.main, f"resumed from {self.resume_from} at step {self.step} ({self.samples:,} samples seen)")
+        for rep in self.reports:
+            _print(self.main, rep.summary())
+        if self.main and self.reports:
+            (self.out / "data_report.json").write_text(json.dumps([r.to_dict() for r in self.reports], indent=2) + "\n")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        _print(self.main, f"training {trainable:,} of {total:,} parameters on {dist.world} x {self.device} "
+                          f"({self.precision}, {torch.get_num_threads()} threads); batch {cfg.batch_size} "
+                          f"({dist.world} process{'es' if dist.world > 1 else ''} x {cfg.grad_accum} "
+                          f"micro-batch{'es' if cfg.grad_accum > 1 else ''} of "
+                          f"{cfg.batch_size // (dist.world * cfg.grad_accum)}); lr {cfg.lr} {cfg.schedule}, "
+                          f"warm-up {cfg.warmup_steps}")
+        self.log({"event": "resume" if self.resume_from else "start", "step": self.step, "world_size": dist.world,
+                  "config": dataclasses.asdict(cfg), "trainable_params": trainable, "params": total})
+
+    def _loader(self):
+        """The model as the loop calls it (DDP-wrapped when distributed), and the micro-batch iterator."""
+        cfg, dist = self.cfg, self.dist
+        wrapped = self.model
+        if dist.on:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            wrapped = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        loader = torch.utils.data.DataLoader(
+            _Micro(self.source, self.samples, cfg.batch_size, dist.world, dist.rank, cfg.grad_accum),
+            batch_size=None, sampler=_Count(), num_workers=cfg.workers, persistent_workers=False,
+            prefetch_factor=2 if cfg.workers else None, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed),  # leaves the global RNG (dropout) alone
+        )
+        return wrapped, iter(loader)
+
+    def _update(self, wrapped, micro: list[dict], params: list, lr: float, ntok_global: float) -> tuple[Tensor, Tensor]:
+        """One optimizer step over the micro-batches: (this process's loss sum, the global gradient norm)."""
+        dist = self.dist
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, b in enumerate(micro):
+            if b["labels"] is None:
+                continue
+            px = b["pixel_values"].to(self.device, non_blocking=True)
+            labels = b["labels"].to(self.device, non_blocking=True)
+            sync = nullcontext() if (not dist.on or i == len(micro) - 1) else wrapped.no_sync()
+            with sync:
+                with autocast_for(self.precision, self.device):
+                    s = token_loss_sum(wrapped, px, labels)
+                # DDP averages gradients over processes: scale so the result is the global token mean
+                (s * (dist.world / max(ntok_global, 1.0))).backward()
+            loss_sum += s.detach().double().cpu()
+        # the global norm is logged either way; max_norm inf measures without clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
+        self._updating = True
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples += self.cfg.batch_size
+        self._updating = False
+        return loss_sum, grad_norm
+
+    def _report(self, window: "_Window", bar: Progress, lr: float, grad_norm: Tensor, elapsed: float,
+                skipped_rows: int) -> None:
+        """The metrics line every log_every steps, the progress bar every step, an evaluation when due."""
+        cfg = self.cfg
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            rate = window.rate()
+            self.last_loss = window.mean()
+            row = {"step": self.step, "loss": self.last_loss, "lr": lr, "grad_norm": float(grad_norm),
+                   "samples": self.samples, "samples_per_s": rate, "elapsed_s": elapsed}
+            if skipped_rows:
+                row["rows_failed_to_load"] = skipped_rows
+            self.log(row)
+            bar.update(self.step, elapsed, self.last_loss, lr, rate)
+            window.reset()
+        else:
+            bar.update(self.step, elapsed, window.mean() if window.tokens else self.last_loss, lr, window.rate())
+        if cfg.eval_every and self.step % cfg.eval_every == 0:
+            self.last_eval = self.evaluate()
+            if self.last_eval and self.main:
+                bar.write(f"step {self.step} " + format_eval(self.last_eval))
+
+    def _finish(self, elapsed: float, stopped: str, collective: bool) -> TrainResult:
+        """The last checkpoint, the final evaluation and model, and the closing line."""
+        cfg, dist = self.cfg, self.dist
         ckpt = self.save(elapsed, stopped, collective)
         self.log({"event": "stop", "step": self.step, "reason": stopped, "elapsed_s": elapsed})
         final = fresh = None
@@ -840,7 +859,7 @@ class _Run:
                 self.last_eval = fresh = self.evaluate()
             if cfg.save_final and self.main:
                 final = self.out / FINAL
-                model.save_pretrained(final)
+                self.model.save_pretrained(final)
         if dist.on and collective:
             dist.dist.barrier()
         if self.main:
@@ -851,8 +870,29 @@ class _Run:
                   flush=True)
             if fresh:
                 print(format_eval(fresh), flush=True)
-        return TrainResult(model=model, step=self.step, samples=self.samples, stopped=stopped, elapsed_s=elapsed,
+        return TrainResult(model=self.model, step=self.step, samples=self.samples, stopped=stopped, elapsed_s=elapsed,
                            loss=self.last_loss, eval=self.last_eval, out=self.out, checkpoint=ckpt, final=final)
+
+
+class _Window:
+    """Loss and throughput since the last metrics line."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.tokens, self.samples, self.t = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, tokens: float, samples: int) -> None:
+        self.loss += loss * tokens
+        self.tokens += int(tokens)
+        self.samples += samples
+
+    def mean(self) -> float:
+        return self.loss / max(self.tokens, 1)
+
+    def rate(self) -> float:
+        return self.samples / max(time.perf_counter() - self.t, 1e-9)
 
 
 def format_eval(result: dict) -> str:

@@ -175,7 +175,16 @@ def resolve_settings(model, kwargs: dict[str, Any], prompt_len: int) -> Generati
     check every value (``InputError`` with what was given, what is expected, and the fix)."""
     defaults = getattr(model, "generation_defaults", None) or {}
     tokens = getattr(model, "tokens", None) or {}
+    max_len, min_len, length_from = _lengths(kwargs, defaults, prompt_len)
+    search = _search_options(kwargs, defaults)
+    eos_list, pad = _eos_and_pad(kwargs, defaults, tokens)
+    forced_bos, forced_eos = _forced(kwargs, defaults)
+    return GenerationSettings(max_length=max_len, min_length=min_len, eos=eos_list, pad=pad, prompt_len=prompt_len,
+                              forced_bos=forced_bos, forced_eos=forced_eos, length_from=length_from, **search)
 
+
+def _lengths(kwargs: dict, defaults: dict, prompt_len: int) -> tuple[int, int, str]:
+    """(max_length, min_length, which argument set max_length), both lengths counting the prompt."""
     # lengths: explicit max_new_tokens > explicit max_length > the same two from the defaults > 20 new tokens
     max_new = max_len = None
     length_from = "default"
@@ -208,7 +217,11 @@ def resolve_settings(model, kwargs: dict[str, Any], prompt_len: int) -> Generati
         min_len = _pick("min_length", kwargs, defaults)
         if not _is_int(min_len) or min_len < 0:
             raise _bad("min_length", min_len, "an integer >= 0", "pass the shortest total length (prompt included)")
+    return max_len, min_len, length_from
 
+
+def _search_options(kwargs: dict, defaults: dict) -> dict[str, Any]:
+    """Beams, sampling and score shaping, as ``GenerationSettings`` fields."""
     num_beams = _pick("num_beams", kwargs, defaults)
     if not _is_int(num_beams) or num_beams < 1:
         raise _bad("num_beams", num_beams, "an integer >= 1", "use 1 for greedy/sampling, 2 or more for beam search")
@@ -250,7 +263,12 @@ def resolve_settings(model, kwargs: dict[str, Any], prompt_len: int) -> Generati
     if not isinstance(rep, (int, float)) or isinstance(rep, bool) or rep <= 0:
         raise _bad("repetition_penalty", rep, "a number > 0 (1.0 switches it off; > 1 discourages repeats)",
                    "pass e.g. repetition_penalty=1.2")
+    return dict(num_beams=num_beams, num_return_sequences=num_return, do_sample=do_sample,
+                temperature=float(temperature), top_k=top_k, top_p=float(top_p), length_penalty=float(length_penalty),
+                early_stopping=early_stopping, no_repeat_ngram_size=ngram, repetition_penalty=float(rep))
 
+
+def _eos_and_pad(kwargs: dict, defaults: dict, tokens: dict) -> tuple[list[int], int | None]:
     if kwargs.get("eos_token_id") is not None:  # an explicit [] means "no eos"
         eos = kwargs["eos_token_id"]
     elif defaults.get("eos_token_id") is not None:
@@ -270,7 +288,10 @@ def resolve_settings(model, kwargs: dict[str, Any], prompt_len: int) -> Generati
         pad = eos_list[0]  # as transformers: finished rows are filled with the first eos
     if pad is not None and (not _is_int(pad) or pad < 0):
         raise _bad("pad_token_id", pad, "a token id >= 0", "pass the id that fills finished sequences")
+    return eos_list, pad
 
+
+def _forced(kwargs: dict, defaults: dict) -> tuple[int | None, list[int] | None]:
     forced_bos = _pick("forced_bos_token_id", kwargs, defaults)
     if forced_bos is not None and (not _is_int(forced_bos) or forced_bos < 0):
         raise _bad("forced_bos_token_id", forced_bos, "a token id >= 0", "pass the id, or leave it None")
@@ -282,14 +303,7 @@ def resolve_settings(model, kwargs: dict[str, Any], prompt_len: int) -> Generati
             raise _bad("forced_eos_token_id", forced_eos, "a token id >= 0 or a non-empty list of them",
                        "pass the id(s), or leave it None")
         forced_eos = list(forced_eos)
-
-    return GenerationSettings(
-        max_length=max_len, min_length=min_len, num_beams=num_beams, num_return_sequences=num_return,
-        do_sample=do_sample, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
-        length_penalty=float(length_penalty), early_stopping=early_stopping, no_repeat_ngram_size=ngram,
-        repetition_penalty=float(rep), eos=eos_list, pad=pad, prompt_len=prompt_len, forced_bos=forced_bos,
-        forced_eos=forced_eos, length_from=length_from,
-    )
+    return forced_bos, forced_eos
 
 
 # ---- logits processors -------------------------------------------------------------------------------------
@@ -413,16 +427,7 @@ def generate(
     """
     from splice.core.models import _last_hidden
 
-    if unknown:
-        known = _OPTIONS + _OTHER_ARGS
-        problems = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
-            problems.append(Problem(
-                f"generate({name}=...)", "unknown generation argument", expected="one of " + ", ".join(known),
-                fix=f"did you mean {' or '.join(close)}?" if close else "remove it",
-            ))
-        raise InputError(problems)
+    _refuse_unknown(unknown)
     kwargs = dict(
         max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length,
         num_beams=num_beams, num_return_sequences=num_return_sequences, do_sample=do_sample, temperature=temperature,
@@ -441,25 +446,55 @@ def generate(
     context = model.context(_last_hidden(encoder_outputs))  # (B, N, D_ctx)
     B, device = context.shape[0], context.device
 
-    # -- the decoder prompt
-    start = decoder_start_token_id
+    # -- the decoder prompt and the settings
+    start = _start_token(model, decoder_start_token_id, defaults)
+    prompt, prompt_mask = _prompt(decoder_input_ids, decoder_attention_mask, start, B, device)
+    s = resolve_settings(model, kwargs, prompt.shape[1])
+    generator = _generator(generator, seed, device)
+    _fit_positions(s, model.decoder, kwargs, defaults)
+    prompt, logits, step, processors = _prefill(model.decoder, s, prompt, prompt_mask, context)
+    if s.num_beams > 1:
+        return _beam_search(s, prompt, logits, step, processors, generator, B)
+    return _greedy_or_sample(s, prompt, logits, step, processors, generator)
+
+
+def _refuse_unknown(unknown: dict[str, Any]) -> None:
+    if unknown:
+        known = _OPTIONS + _OTHER_ARGS
+        problems = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+            problems.append(Problem(
+                f"generate({name}=...)", "unknown generation argument", expected="one of " + ", ".join(known),
+                fix=f"did you mean {' or '.join(close)}?" if close else "remove it",
+            ))
+        raise InputError(problems)
+
+
+def _start_token(model, given: int | None, defaults: dict) -> int:
+    start = given
     for value in (defaults.get("decoder_start_token_id"), model.tokens.get("decoder_start"),
                   defaults.get("bos_token_id")):
         start = value if start is None else start
     if start is None:
         raise InputError("tokens.decoder_start is not set, so generation has no first token\n"
                          "    fix: add `tokens: {decoder_start: <id>}` to the spec, or pass decoder_start_token_id")
-    prompt, prompt_mask = _prompt(decoder_input_ids, decoder_attention_mask, start, B, device)
-    P = prompt.shape[1]
-    s = resolve_settings(model, kwargs, P)
+    return start
+
+
+def _generator(generator: torch.Generator | None, seed: Any, device) -> torch.Generator | None:
     if generator is not None and seed is not None:
         raise _bad("seed", seed, "either generator or seed, not both", "drop one of them")
     if seed is not None:
         if not _is_int(seed):
             raise _bad("seed", seed, "an integer", "pass e.g. seed=0")
         generator = torch.Generator(device=device).manual_seed(seed)
+    return generator
 
-    decoder = model.decoder
+
+def _fit_positions(s: GenerationSettings, decoder, kwargs: dict, defaults: dict) -> None:
+    """Shorten a default max_length to the decoder's positions; an asked-for length that does not fit raises."""
+    P = s.prompt_len
     limit = getattr(decoder, "max_positions", None)  # the longest sequence the decoder reads
     if _is_int(limit) and s.max_length - 1 > limit:  # the last token is never fed back
         if s.length_from == "default" and limit + 1 > P:
@@ -469,7 +504,13 @@ def generate(
                        f"prompt + new tokens <= {limit + 1}: the decoder reads at most {limit} positions",
                        f"ask for at most {limit + 1 - P} new tokens (max_length <= {limit + 1})")
 
-    # -- the prompt runs once per image; its cache is then repeated for the beams / returned samples
+
+def _prefill(decoder, s: GenerationSettings, prompt: Tensor, prompt_mask: Tensor | None, context: Tensor):
+    """Run the prompt once per image, then repeat its cache for the beams / returned samples.
+
+    Returns the (N, P) prompts, their next logits (N, V), ``step`` (the next logits after more tokens) and the
+    logits processors."""
+    P = prompt.shape[1]
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
     cache = KVCache(len(decoder.layer_specs()), s.max_length)
     out = decoder(prompt, context=context, attention_mask=prompt_mask, cache=cache)
@@ -487,7 +528,7 @@ def generate(
         mask = prompt_mask.new_ones(prompt.shape[0], s.max_length)
         mask[:, :P] = prompt_mask
     prompt_pad = None if prompt_mask is None else (prompt_mask != 0).int().argmax(dim=1)  # (N,)
-    processors = _Processors(s, device, prompt_pad)
+    processors = _Processors(s, prompt.device, prompt_pad)
 
     def step(tokens: Tensor, cur: int, reorder: Tensor | None = None) -> Tensor:
         """The next logits (N, V) after appending ``tokens`` (N, 1); ``reorder`` first picks the cache rows."""
@@ -496,9 +537,7 @@ def generate(
         am = None if mask is None else mask[:, :cur]
         return decoder(tokens, context=context, attention_mask=am, cache=cache).logits[:, -1]
 
-    if s.num_beams > 1:
-        return _beam_search(s, prompt, logits, step, processors, generator, B)
-    return _greedy_or_sample(s, prompt, logits, step, processors, generator)
+    return prompt, logits, step, processors
 
 
 def _prompt(ids: Tensor | None, mask: Tensor | None, start: int, B: int, device) -> tuple[Tensor, Tensor | None]:
@@ -558,6 +597,31 @@ def _greedy_or_sample(s: GenerationSettings, prompt: Tensor, logits: Tensor, ste
         logits = step(seqs[:, cur - 1 : cur], cur)
 
 
+def _candidates(logp: Tensor, keep: int, do_sample: bool, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """The ``keep`` continuations (score, flat index) of each image's (B, K * V) scores, best first."""
+    if not do_sample:
+        return torch.topk(logp, keep)
+    idx = torch.multinomial(logp.softmax(-1), keep, generator=generator)  # (B, keep), no replacement
+    # best first: the first K positions stand for "the K best", and in drawn order a lower-scoring draw could take
+    # a hypothesis slot from a better one (transformers' vectorised beam search did that from 4.5x to 5.23; 4.45's
+    # beam sample and 5.24 sort)
+    top, order = logp.gather(1, idx).sort(dim=-1, descending=True)
+    return top, idx.gather(1, order)
+
+
+def _may_improve(s: GenerationSettings, running_scores: Tensor, hyp_scores: Tensor, hyp_done: Tensor,
+                 cur: int) -> Tensor:
+    """(B, 1): can the best running beam still beat the worst hypothesis? (transformers' heuristic per
+    early_stopping)"""
+    if s.early_stopping == "never" and s.length_penalty > 0.0:
+        best_len = s.max_length - s.prompt_len
+    else:
+        best_len = cur - s.prompt_len
+    best_running = running_scores[:, :1] / (best_len ** s.length_penalty)  # (B, 1)
+    worst_hyp = torch.where(hyp_done, hyp_scores.min(dim=1, keepdim=True).values, _NEG)  # (B, K)
+    return (best_running > worst_hyp).any(-1, keepdim=True)
+
+
 def _beam_search(s: GenerationSettings, prompt: Tensor, logits: Tensor, step, processors: _Processors,
                  generator: torch.Generator | None, B: int) -> Tensor:
     """transformers' vectorised beam search: the best ``keep`` continuations of all beams, the best
@@ -586,15 +650,7 @@ def _beam_search(s: GenerationSettings, prompt: Tensor, logits: Tensor, step, pr
         logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
         logp = processors(logp, running.view(N, L), cur)
         logp = logp.view(B, K, V).add_(running_scores[:, :, None]).view(B, K * V)
-        if s.do_sample:
-            idx = torch.multinomial(logp.softmax(-1), keep, generator=generator)  # (B, keep), no replacement
-            # best first: the first K positions below stand for "the K best", and in drawn order a lower-scoring
-            # draw could take a hypothesis slot from a better one (transformers' vectorised beam search did that
-            # from 4.5x to 5.23; 4.45's beam sample and 5.24 sort)
-            top, order = logp.gather(1, idx).sort(dim=-1, descending=True)
-            idx = idx.gather(1, order)
-        else:
-            top, idx = torch.topk(logp, keep)  # (B, keep)
+        top, idx = _candidates(logp, keep, s.do_sample, generator)  # (B, keep) each, best first
         beam = idx // V  # (B, keep) which beam each candidate extends
         token = idx % V
         cand = running.gather(1, beam[:, :, None].expand(B, keep, L))  # (B, keep, L)
@@ -630,14 +686,7 @@ def _beam_search(s: GenerationSettings, prompt: Tensor, logits: Tensor, step, pr
         hyp_done = torch.cat((hyp_done, ended), dim=1).gather(1, pick)
 
         cur += 1
-        # can the best running beam still beat the worst hypothesis? (transformers' heuristic per early_stopping)
-        if s.early_stopping == "never" and s.length_penalty > 0.0:
-            best_len = L - P
-        else:
-            best_len = cur - P
-        best_running = running_scores[:, :1] / (best_len ** s.length_penalty)  # (B, 1)
-        worst_hyp = torch.where(hyp_done, hyp_scores.min(dim=1, keepdim=True).values, _NEG)  # (B, K)
-        can_improve = can_improve & (best_running > worst_hyp).any(-1, keepdim=True)
+        can_improve = can_improve & _may_improve(s, running_scores, hyp_scores, hyp_done, cur)
         go_on = can_improve.any() & ~ends.all()
         if s.early_stopping is True:
             go_on = go_on & ~hyp_done.all()
