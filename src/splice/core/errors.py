@@ -24,7 +24,7 @@ class Problem:
     def __str__(self) -> str:
         parts = [f"{self.path or '<root>'}: {self.message}"]
         if self.given is not None:
-            parts.append(f"given {self.given!r}")
+            parts.append(f"given {short(self.given)}")
         if self.expected:
             parts.append(f"expected {self.expected}")
         line = "; ".join(parts)
@@ -97,6 +97,56 @@ class PluginError(SpliceError):
 
 class InputError(SpliceError):
     """Tensors passed at run time that do not fit the model (shape, dtype, image size, token ids)."""
+
+
+GIVEN_LIMIT = 80
+
+
+def short(value: Any, limit: int = GIVEN_LIMIT) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, without rendering more than that.
+
+    Error messages quote what the user gave; a value can be huge (a YAML anchor bomb, a 5,000-digit int, a
+    tensor), so the repr is built piece by piece and stops once it is long enough.
+    """
+    out: list[str] = []
+    _short_into(value, out, limit, depth=0)
+    text = "".join(out)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short_into(value: Any, out: list[str], limit: int, depth: int) -> None:
+    used = sum(map(len, out))
+    if used > limit:
+        return
+    if isinstance(value, (dict, list, tuple, set, frozenset)) and depth < 8:
+        items = list(value.items()) if isinstance(value, dict) else value
+        ends = "{}" if isinstance(value, (dict, set, frozenset)) else "[]" if isinstance(value, list) else "()"
+        out.append(ends[0])
+        for i, item in enumerate(items):
+            if sum(map(len, out)) > limit:
+                out.append("...")
+                break
+            if i:
+                out.append(", ")
+            if isinstance(value, dict):
+                _short_into(item[0], out, limit, depth + 1)
+                out.append(": ")
+                _short_into(item[1], out, limit, depth + 1)
+            else:
+                _short_into(item, out, limit, depth + 1)
+        out.append(ends[1])
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        out.append(f"<an int of about {int(value.bit_length() * 0.30103)} digits>")
+    elif isinstance(value, (str, bytes)) and len(value) > limit:
+        out.append(repr(value[: limit // 2]) + f"... ({len(value):,} {'characters' if isinstance(value, str) else 'bytes'})")
+    elif isinstance(value, (dict, list, tuple, set, frozenset)):
+        out.append("...")
+    else:
+        try:
+            text = repr(value)
+        except Exception:  # a hostile __repr__ must not replace the error being reported
+            text = f"<{type(value).__name__}>"
+        out.append(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _kind_flag(kind: str) -> str:
