@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from splice.core.errors import InputError
+from splice.core.errors import InputError, short
 
 
 @dataclass
@@ -29,10 +29,15 @@ def decode(model, ids: list[int]) -> str | None:
 
 
 def caption(model, images: Sequence[Any], *, batch_size: int = 8, **generate_kwargs) -> list[Caption]:
-    """One caption per image (paths, PIL images or uint8 tensors), batched. An image that cannot be read gets
-    its ``error`` set and the others are still captioned."""
+    """One caption per image (paths, PIL images or uint8 tensors), batched. An image that cannot be read (not a
+    regular file, not an image, truncated, over ``processing.MAX_IMAGE_PIXELS``) gets its ``error`` set and the
+    others are still captioned."""
     from splice.core.processing import processor_for
 
+    if isinstance(images, (str, Path)):
+        images = [images]
+    if type(batch_size) is not int or batch_size < 1:
+        raise InputError(f"batch_size: given {short(batch_size)}; expected an integer >= 1\n    fix: use 8")
     processor = processor_for(model)
     results: list[Caption] = []
     ready: list[tuple[Caption, torch.Tensor]] = []
@@ -58,12 +63,12 @@ def run_cli(model_path: str, images: list[str], *, num_beams: int | None, max_ne
 
     import splice
 
+    kwargs = {k: v for k, v in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)) if v is not None}
+    for flag, value in kwargs.items():
+        if value < 1:
+            raise InputError(f"--{flag.replace('_', '-')}: given {value}; expected an integer >= 1\n"
+                             f"    fix: leave it out (the model's generation settings) or give e.g. 4")
     model = splice.load(model_path)
-    kwargs: dict = {}
-    if num_beams is not None:
-        kwargs["num_beams"] = num_beams
-    if max_new_tokens is not None:
-        kwargs["max_new_tokens"] = max_new_tokens
     results = caption(model, images, **kwargs)
     if as_json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
@@ -72,5 +77,10 @@ def run_cli(model_path: str, images: list[str], *, num_beams: int | None, max_ne
             print("(this model has no tokenizer: showing token ids)")
         for r in results:
             shown = r.text if r.text is not None else r.ids
-            print(f"{r.image}: {shown}" if r.error is None else f"{r.image}: error: {r.error}")
+            print(_printable(f"{r.image}: {shown}" if r.error is None else f"{r.image}: error: {r.error}"))
     return 1 if any(r.error for r in results) else 0
+
+
+def _printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a file name (surrogate escapes) shown as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
-from splice.core.errors import SpliceError
+from splice.core.errors import InputError, Problem, SpliceError, short
+
+
+class UsageError(InputError):
+    """A command line argparse refuses (unknown flag, a value of the wrong type): exit status 2."""
+
+    def __init__(self, message: str, usage: str):
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, reporting a bad command line as splice reports every error: what was wrong, and the fix."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}\n    fix: see `{self.prog} --help`", self.format_usage())
+
+
+def _as_flags(problems: list[Problem]) -> list[Problem]:
+    """Problems named by a setting (``max_steps``) renamed to the flag that sets it (``--max-steps``)."""
+    return [dataclasses.replace(p, path="--" + p.path.replace("_", "-")) for p in problems]
 
 
 def _cmd_list(args) -> int:
@@ -147,40 +169,74 @@ def _cmd_schema(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from splice.demo import run
+    from splice.demo import check_settings, run
 
+    problems = check_settings(minutes=args.minutes, threads=args.threads, seed=args.seed, out=args.out)
+    if problems:
+        raise InputError(_as_flags(problems), source="splice demo")
     return run(spec=args.spec, out=args.out, minutes=args.minutes, threads=args.threads, seed=args.seed)
 
 
 def _cmd_train(args) -> int:
-    from splice.train import TrainConfig, train
+    """Every flag is checked before the model or the data is loaded."""
+    from splice.data import find_sources
+    from splice.train import TrainConfig, train, world_size
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
     settings = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     settings["progress"] = not args.no_progress
+    config = TrainConfig(**settings)
+    problems = config.problems(world_size())
+    if problems:
+        raise InputError(_as_flags(problems), source="splice train")
+    tokenizer = _read_tokenizer(args.tokenizer) if args.tokenizer else None
+    for flag, source in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if source is not None and source != "shapes":
+            try:
+                find_sources(source)
+            except InputError as exc:
+                raise InputError(f"{flag}: {exc}") from None
     model = args.model
-    if args.tokenizer or args.freeze:
+    if tokenizer is not None or args.freeze:
+        from splice.data import check_tokenizer
         from splice.train import load_model
 
-        model = load_model(model, seed=settings.get("seed", 0))
-        if args.tokenizer:
-            from tokenizers import Tokenizer
-
-            model.tokenizer = Tokenizer.from_file(args.tokenizer)
+        model = load_model(model, seed=config.seed)
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, model, f"--tokenizer {short(args.tokenizer)}")
+            model.tokenizer = tokenizer
         if args.freeze:
             from splice.core.composer import apply_freeze
 
             apply_freeze(model, args.freeze)
     try:
-        result = train(model, args.data, TrainConfig(**settings), eval_data=args.eval_data)
+        result = train(model, args.data, config, eval_data=args.eval_data)
     except KeyboardInterrupt:
         print(f"\naborted; the last checkpoint, if any, is in {args.out}/checkpoint", file=sys.stderr)
         return 130
     return 130 if result.stopped == "interrupted" else 0
 
 
+def _read_tokenizer(path: str):
+    """``--tokenizer``: a tokenizer.json (a regular file), or an ``InputError`` saying what it is instead."""
+    from tokenizers import Tokenizer
+
+    fix = "    fix: give the tokenizer.json the decoder was trained with (a saved model folder has one)"
+    try:
+        if not Path(path).is_file():
+            what = "not a regular file" if Path(path).exists() else "no such file"
+            raise InputError(f"--tokenizer: {short(path)}: {what}\n{fix}")
+        text = Path(path).read_bytes().decode("utf-8")
+        return Tokenizer.from_str(text)
+    except InputError:
+        raise
+    except Exception as exc:  # OSError, UnicodeDecodeError, or the tokenizers library's own parse error
+        raise InputError(f"--tokenizer: {short(path)}: not a tokenizer.json ({type(exc).__name__}: "
+                         f"{str(exc)[:200]})\n{fix}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splice", description="Compose vision encoders with text decoders.")
+    parser = _Parser(prog="splice", description="Compose vision encoders with text decoders.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="registered components and presets")
@@ -207,8 +263,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="caption images with a saved model (a folder, hub id or transformers folder)")
     p.add_argument("model")
     p.add_argument("images", nargs="+")
-    p.add_argument("--num-beams", type=int, default=None, help="default: the model's generation settings (else 1)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--num-beams", type=int, default=None, help=">= 1; default: the model's generation settings (else 1)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help=">= 1; default: the model's generation settings")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_caption)
 
@@ -218,9 +274,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded default: train a tiny captioner on synthetic shapes, then caption")
     p.add_argument("--spec", default=None, help="spec to train (default: examples/demo-captioner.yaml)")
     p.add_argument("--out", default="out/demo")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget, > 0 (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, 1 to 1024 (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="0 to 2**32-1 (default 0)")
     p.set_defaults(fn=_cmd_demo)
 
     _add_train(sub)
@@ -235,27 +291,30 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoint/, model/")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that holds an earlier run")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="global batch per step (default 32)")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4)")
-    p.add_argument("--min-lr-ratio", type=float, default=None)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default 50")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps, >= 0")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop when this time is spent, > 0")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch per step, 1 to 65536 (default 32)")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches per step, >= 1, dividing the batch size (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, > 0 (default 1e-4)")
+    p.add_argument("--min-lr-ratio", type=float, default=None, help="the schedule ends at lr x this, 0 to 1 (default 0)")
+    p.add_argument("--warmup-steps", type=int, default=None, help=">= 0 (default 50)")
     p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=None)
-    p.add_argument("--weight-decay", type=float, default=None, help="default 0.01")
-    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default 1.0; 0: none)")
+    p.add_argument("--weight-decay", type=float, default=None, help=">= 0 (default 0.01)")
+    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm, >= 0 (default 1.0; 0: none)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
-    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
-    p.add_argument("--eval-size", type=int, default=None, help="evaluation samples (default 500)")
-    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
-    p.add_argument("--save-minutes", type=float, default=None, help="minutes between checkpoints (default 15)")
-    p.add_argument("--log-every", type=int, default=None, help="steps between metrics lines (default 10)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
-    p.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json for a model without one")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations, >= 0 (0: only at the end)")
+    p.add_argument("--eval-size", type=int, default=None, help="evaluation samples, >= 0 (default 500)")
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints, >= 0 (0: by time only)")
+    p.add_argument("--save-minutes", type=float, default=None,
+                   help="minutes between checkpoints, >= 0 (default 15; 0: by steps only)")
+    p.add_argument("--log-every", type=int, default=None, help="steps between metrics lines, >= 1 (default 10)")
+    p.add_argument("--seed", type=int, default=None, help="0 to 2**32-1 (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, 1 to 1024")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N, a device this machine has (default: cuda when present)")
+    p.add_argument("--workers", type=int, default=None, help="data-loading processes, 0 to 64 (default 0)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json for a model without one (its ids must fit the decoder)")
     p.add_argument("--freeze", nargs="+", choices=["encoder", "decoder", "cross_attention", "projection"],
                    default=None, help="freeze these parts too (the spec's freeze list always applies)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
@@ -263,9 +322,14 @@ def _add_train(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command: 0 on success, 1 on a ``SpliceError`` (printed as ``error: ...`` with its fix), 2 on a
+    command line that does not parse."""
     try:
+        args = _parser().parse_args(argv)
         return args.fn(args)
+    except UsageError as exc:
+        print(exc.usage.rstrip() + f"\nerror: {exc}", file=sys.stderr)
+        return 2
     except SpliceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -21,17 +21,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from splice.core.errors import InputError
+from splice.core.errors import InputError, short
 
 REASONS = ("missing file", "unreadable image", "empty text", "bad row")
 METADATA = "metadata.jsonl"
 EVAL_SPLITS = ("validation", "val", "valid", "test", "eval")
 MAX_EXAMPLES = 5  # examples kept per reason
+MAX_LINE = 1 << 20  # bytes: a longer line of a metadata / JSONL file is a bad row
 
 
 @dataclass
@@ -41,7 +42,7 @@ class BadRow:
     detail: str
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.detail}"
+        return f"{self.where}: {self.detail if len(self.detail) <= 300 else self.detail[:297] + '...'}"
 
 
 @dataclass
@@ -65,11 +66,11 @@ class DataReport:
     def skipped(self) -> int:
         return sum(self.counts.values())
 
-    def summary(self) -> str:
-        lines = [f"{self.source}: {self.total:,} rows, {self.used:,} used, {self.skipped:,} skipped"]
+    def summary(self, examples: int = MAX_EXAMPLES) -> str:
+        lines = [f"{short(self.source, 200)}: {self.total:,} rows, {self.used:,} used, {self.skipped:,} skipped"]
         for reason in sorted(self.counts, key=lambda r: -self.counts[r]):
             lines.append(f"  {reason}: {self.counts[reason]:,}")
-            lines += [f"    e.g. {ex}" for ex in self.examples.get(reason, [])]
+            lines += [f"    e.g. {ex}" for ex in self.examples.get(reason, [])[:examples]]
         if self.truncated:
             lines.append(f"  truncated to the decoder's length (used): {self.truncated:,}")
         return "\n".join(lines)
@@ -94,49 +95,69 @@ class Row:
 
 def _read_jsonl(path: Path, image_keys: tuple[str, ...], report: DataReport) -> list[Row]:
     rows: list[Row] = []
-    base = path.parent
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
+    with open(path, "rb") as fh:
+        for n, raw in _lines(fh):
+            if raw is not None and not raw.strip():
                 continue
             report.total += 1
-            where = f"{path.name}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                report.add(BadRow(where, "bad row", f"not JSON ({exc.msg})"))
-                continue
-            if not isinstance(obj, dict):
-                report.add(BadRow(where, "bad row", f"a JSON {type(obj).__name__}, not an object"))
-                continue
-            key = next((k for k in image_keys if k in obj), None)
-            if key is None or not isinstance(obj[key], str) or not obj[key]:
-                report.add(BadRow(where, "bad row", f"no image path (expected a string under {' or '.join(image_keys)})"))
-                continue
-            text = obj.get("text", obj.get("caption"))
-            if text is not None and not isinstance(text, str):
-                report.add(BadRow(where, "bad row", f"text is a {type(text).__name__}, not a string"))
-                continue
-            if text is None or not text.strip():
-                report.add(BadRow(where, "empty text", f"{obj[key]}: no caption"))
-                continue
-            rows.append(Row(base / obj[key], " ".join(text.split()), where))
+            row = _parse_row(raw, f"{path.name}:{n}", image_keys, path.parent)
+            if isinstance(row, BadRow):
+                report.add(row)
+            else:
+                rows.append(row)
     return rows
 
 
+def _lines(fh) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, the line's bytes) for each line; None for a line longer than ``MAX_LINE`` (skipped)."""
+    n = 0
+    while line := fh.readline(MAX_LINE + 1):
+        n += 1
+        if len(line) > MAX_LINE and not line.endswith(b"\n"):
+            while (rest := fh.readline(MAX_LINE)) and not rest.endswith(b"\n"):
+                pass
+            yield n, None
+        else:
+            yield n, line
+
+
+def _parse_row(raw: bytes | None, where: str, image_keys: tuple[str, ...], base: Path) -> Row | BadRow:
+    """One line of a metadata / JSONL file: a Row, or the BadRow saying why not."""
+    if raw is None:
+        return BadRow(where, "bad row", f"a line of more than {MAX_LINE:,} bytes")
+    try:
+        obj = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+    except UnicodeDecodeError as exc:
+        return BadRow(where, "bad row", f"not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})")
+    except (ValueError, RecursionError) as exc:  # not JSON, a 5,000-digit number, nesting past the stack
+        return BadRow(where, "bad row", f"not JSON ({getattr(exc, 'msg', type(exc).__name__)})")
+    if not isinstance(obj, dict):
+        return BadRow(where, "bad row", f"a JSON {type(obj).__name__}, not an object")
+    key = next((k for k in image_keys if k in obj), None)
+    if key is None or not isinstance(obj[key], str) or not obj[key]:
+        return BadRow(where, "bad row", f"no image path (expected a string under {' or '.join(image_keys)})")
+    text = obj.get("text", obj.get("caption"))
+    if text is not None and not isinstance(text, str):
+        return BadRow(where, "bad row", f"text is a {type(text).__name__}, not a string")
+    if text is None or not text.strip():
+        return BadRow(where, "empty text", f"{short(obj[key])}: no caption")
+    return Row(base / obj[key], " ".join(text.split()), where)
+
+
 def _check_images(rows: list[Row], report: DataReport) -> list[Row]:
-    from PIL import Image
+    """The rows whose image decodes (read as training will read it: a regular file, within the pixel bound)."""
+    from splice.core.processing import load_image
 
     good = []
     for row in rows:
-        if not row.image.is_file():
-            report.add(BadRow(row.where, "missing file", f"{row.image}: no such file"))
-            continue
         try:
-            with Image.open(row.image) as im:
-                im.load()  # decodes: a truncated file fails here, not mid-training
-        except Exception as exc:  # PIL raises many kinds for broken files
-            report.add(BadRow(row.where, "unreadable image", f"{row.image.name}: {type(exc).__name__}: {exc}"))
+            if not row.image.exists():
+                report.add(BadRow(row.where, "missing file", f"{short(str(row.image))}: no such file"))
+                continue
+            load_image(row.image)  # decodes: a truncated file fails here, not mid-training
+        except (InputError, OSError) as exc:
+            detail = str(exc).split("\n")[0] if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc.strerror}"
+            report.add(BadRow(row.where, "unreadable image", detail))
             continue
         good.append(row)
     return good
@@ -157,19 +178,24 @@ def read_rows(path: str | Path, *, check_images: bool = True) -> tuple[list[Row]
 def find_sources(path: str | Path) -> tuple[Path, Path | None]:
     """(train metadata/JSONL, eval metadata or None) for a folder or a JSONL file."""
     p = Path(path)
-    if p.is_file():
-        return p, None
-    if p.is_dir():
-        if (p / METADATA).is_file():
-            return p / METADATA, None
-        if (p / "train" / METADATA).is_file():
-            ev = next((p / s / METADATA for s in EVAL_SPLITS if (p / s / METADATA).is_file()), None)
-            return p / "train" / METADATA, ev
-        raise InputError(
-            f"{p}: no {METADATA} here (nor in {p / 'train'})\n"
-            f"    fix: add {METADATA} with one {{\"file_name\": ..., \"text\": ...}} object per line"
-        )
-    raise InputError(f"{p}: no such folder or file\n    fix: give an imagefolder folder or a .jsonl file, or 'shapes'")
+    name = short(str(p))
+    try:
+        if p.is_file():
+            return p, None
+        if p.is_dir():
+            if (p / METADATA).is_file():
+                return p / METADATA, None
+            if (p / "train" / METADATA).is_file():
+                ev = next((p / s / METADATA for s in EVAL_SPLITS if (p / s / METADATA).is_file()), None)
+                return p / "train" / METADATA, ev
+            raise InputError(
+                f"{name}: no {METADATA} (a regular file) here, nor in its train/ folder\n"
+                f"    fix: add {METADATA} with one {{\"file_name\": ..., \"text\": ...}} object per line"
+            )
+        what = "exists but is neither a regular file nor a folder" if p.exists() else "no such folder or file"
+    except OSError as exc:
+        what = f"cannot be read ({type(exc).__name__}: {exc.strerror})"
+    raise InputError(f"{name}: {what}\n    fix: give an imagefolder folder or a .jsonl file, or 'shapes'")
 
 
 # -- the dataset -----------------------------------------------------------------------------------------
@@ -245,7 +271,7 @@ class FileData:
     def __init__(self, dataset: CaptionDataset, *, seed: int = 0, name: str = ""):
         if len(dataset) == 0:
             raise InputError(
-                f"{name or 'the dataset'}: no usable rows\n{dataset.report.summary()}\n"
+                f"{short(name or 'the dataset')}: no usable rows\n{dataset.report.summary(examples=2)}\n"
                 "    fix: check the paths in the metadata (relative to its folder) and the captions"
             )
         self.dataset = dataset
@@ -291,6 +317,16 @@ def split(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+def check_tokenizer(tokenizer, model, what: str) -> None:
+    """An ``InputError`` when ``tokenizer`` can give ids the decoder has no embedding for."""
+    vocab = getattr(model.decoder, "vocab_size", None)
+    size = tokenizer.get_vocab_size()
+    if vocab is not None and size > vocab:
+        raise InputError(f"{what} has {size:,} token ids, the decoder's vocabulary {vocab:,}\n"
+                         f"    fix: use the tokenizer the decoder was built for, or set decoder.config.vocab_size: "
+                         f"{size} in the spec")
+
+
 def load_data(path: str | Path, model, *, seed: int = 0, eval_path: str | Path | None = None,
               eval_fraction: float = 0.05, check_images: bool = True) -> tuple[FileData, FileData | None, list[DataReport]]:
     """Training (and evaluation) data for ``model`` from a folder or JSONL file, with the reports of each."""
@@ -302,6 +338,7 @@ def load_data(path: str | Path, model, *, seed: int = 0, eval_path: str | Path |
             "the model has no tokenizer to encode the captions with\n"
             "    fix: train from a saved model folder that has tokenizer.json, or pass --tokenizer tokenizer.json"
         )
+    check_tokenizer(tokenizer, model, "the model's tokenizer")
     processor = processor_for(model)
     max_len = getattr(model.decoder, "max_positions", None) or 1024
     eos = model.tokens.get("eos")

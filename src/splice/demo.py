@@ -9,11 +9,15 @@ writes them with their captions into a grid (``captions.png``).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from splice.core.errors import InputError, Problem
 
 TARGET = 0.95
 GRID = 16  # held-out images captioned after reloading
@@ -46,6 +50,16 @@ def bundled_spec() -> str | dict:
         return str(path)
 
 
+def check_settings(*, minutes: Any, threads: Any, seed: Any, out: Any) -> list[Problem]:
+    """The demo's settings are training settings: checked as ``TrainConfig`` checks them, named as ``run`` names
+    them (``splice demo`` names them by its flags)."""
+    from splice.train import TrainConfig
+
+    config = TrainConfig(out=out, max_minutes=minutes, threads=threads, seed=seed, **RECIPE)
+    names = {"max_minutes": "minutes", "max_steps": "minutes", "threads": "threads", "seed": "seed", "out": "out"}
+    return [dataclasses.replace(p, path=names[p.path]) for p in config.problems() if p.path in names]
+
+
 def _clock(s: float) -> str:
     s = int(round(s))
     return f"{s // 60}:{s % 60:02d}"
@@ -60,6 +74,9 @@ def run(spec: str | dict | None = None, out: str = "out/demo", *, minutes: float
     from splice.synthetic import ShapesData, build_tokenizer
     from splice.train import TrainConfig, evaluate, train
 
+    problems = check_settings(minutes=minutes, threads=threads, seed=seed, out=out)
+    if problems:
+        raise InputError(problems, source="the demo settings")
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)

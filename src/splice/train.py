@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splice.core.errors import InputError
+from splice.core.errors import CheckpointError, InputError, Problem, short
 from splice.core.models import shift_right
 
 CHECKPOINT = "checkpoint"
@@ -90,27 +90,144 @@ class TrainConfig:
     overwrite: bool = False  # start afresh in an OUT that holds an earlier run
     save_final: bool = True  # write OUT/model at the end
 
-    def check(self, world: int) -> None:
-        problems = []
+    def problems(self, world: int = 1) -> list[Problem]:
+        """Every setting that cannot work, each named by its field (``splice train`` maps them to its flags)."""
+        problems = [p for name, bound in _BOUNDS.items() if (p := bound.problem(name, getattr(self, name)))]
         if self.max_steps is None and self.max_minutes is None:
-            problems.append("give max_steps or max_minutes (or both): training needs an end")
-        if self.max_steps is not None and self.max_steps < 0:
-            problems.append(f"max_steps must be >= 0, got {self.max_steps}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            problems.append(f"max_minutes must be > 0, got {self.max_minutes}")
-        if self.grad_accum < 1 or self.batch_size < 1:
-            problems.append(f"batch_size and grad_accum must be >= 1, got {self.batch_size} and {self.grad_accum}")
-        elif self.batch_size % (world * self.grad_accum):
-            problems.append(
-                f"batch_size {self.batch_size} does not split into {world} process(es) x {self.grad_accum} "
-                f"micro-batch(es); fix: make batch_size a multiple of {world * self.grad_accum}"
-            )
-        if self.schedule not in ("cosine", "linear", "constant"):
-            problems.append(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            problems.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+            problems.append(Problem("max_steps", "training needs an end: a step count, a time budget or both",
+                                    fix="set max_steps or max_minutes (--max-steps / --max-minutes)"))
+        bad = {p.path for p in problems}
+        if not {"batch_size", "grad_accum"} & bad and self.batch_size % (world * self.grad_accum):
+            problems.append(Problem(
+                "batch_size", f"{self.batch_size} does not split into {world} process(es) x {self.grad_accum} "
+                "micro-batch(es)", fix=f"make batch_size a multiple of {world * self.grad_accum}"))
+        for name, options in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "fp32", "bf16"))):
+            if getattr(self, name) not in options:
+                problems.append(Problem(name, "not one of the choices", given=getattr(self, name),
+                                        expected=" | ".join(options), fix=f"use {options[0]}"))
+        for name in ("eval_at_end", "progress", "resume", "overwrite", "save_final"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(Problem(name, "not a boolean", given=getattr(self, name), expected="True or False",
+                                        fix=f"set {name} to True or False"))
+        betas = self.betas
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_BETA.accepts(b) for b in betas)):
+            problems.append(Problem("betas", "not two AdamW betas", given=betas, expected="two numbers in [0, 1)",
+                                    fix="use (0.9, 0.999)"))
+        return problems + [p for p in (_device_problem(self.device), _out_problem(self.out)) if p]
+
+    def check(self, world: int = 1) -> None:
+        """An ``InputError`` listing every problem of ``problems``; nothing is loaded or allocated before it."""
+        problems = self.problems(world)
         if problems:
-            raise InputError("training settings: " + "; ".join(problems))
+            raise InputError(problems, source="the training settings")
+
+
+MAX_BATCH = 65_536  # samples in one optimizer step (or evaluation batch): far past what a step can hold
+MAX_THREADS = 1_024  # torch CPU threads
+MAX_WORKERS = 64  # data-loading processes
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """What a numeric setting takes: an int, or a finite number (``kind`` float); from ``low`` (exclusive with
+    ``above``) to ``high``; ``None`` too when ``optional``."""
+
+    kind: type
+    low: float
+    high: float | None = None
+    above: bool = False
+    optional: bool = False
+    example: str = ""
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
+            return False
+        if not math.isfinite(value) or value < self.low or (self.above and value == self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def problem(self, name: str, value: Any) -> Problem | None:
+        if self.accepts(value):
+            return None
+        what = "an integer" if self.kind is int else "a finite number"
+        if self.high is not None:
+            expected = f"{what} from {self.low:,} to {self.high:,}"
+        else:
+            expected = f"{what} {'>' if self.above else '>='} {self.low:,}"
+        if value is None:
+            message = "not set"
+        elif type(value) is int or (self.kind is float and _is_number(value)):
+            message = "out of range"
+        else:
+            message = f"not {what}"
+        return Problem(name, message, given=value, expected=expected + (" (or unset)" if self.optional else ""),
+                       fix=f"use e.g. {self.example}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_BETA = _Bound(float, 0, 0.999999)
+_BOUNDS = {
+    "max_steps": _Bound(int, 0, optional=True, example="1000"),
+    "max_minutes": _Bound(float, 0, above=True, optional=True, example="5"),
+    "batch_size": _Bound(int, 1, MAX_BATCH, example="32 (the default)"),
+    "grad_accum": _Bound(int, 1, MAX_BATCH, example="1 (the default)"),
+    "lr": _Bound(float, 0, above=True, example="1e-4 (the default)"),
+    "min_lr_ratio": _Bound(float, 0, 1, example="0 (the default) or 0.1"),
+    "warmup_steps": _Bound(int, 0, example="50 (the default)"),
+    "weight_decay": _Bound(float, 0, example="0.01 (the default)"),
+    "grad_clip": _Bound(float, 0, optional=True, example="1.0 (the default; 0: no clipping)"),
+    "eval_every": _Bound(int, 0, optional=True, example="500 (0: only at the end)"),
+    "eval_size": _Bound(int, 0, optional=True, example="500 (the default)"),
+    "eval_batch_size": _Bound(int, 1, MAX_BATCH, example="100 (the default)"),
+    "save_every": _Bound(int, 0, optional=True, example="1000 (0: by time only)"),
+    "save_minutes": _Bound(float, 0, optional=True, example="15 (the default; 0: by steps only)"),
+    "log_every": _Bound(int, 1, example="10 (the default)"),
+    "seed": _Bound(int, 0, MAX_SEED, example="0"),
+    "threads": _Bound(int, 1, MAX_THREADS, optional=True, example=f"{os.cpu_count() or 1} (this machine's cores)"),
+    "workers": _Bound(int, 0, MAX_WORKERS, example="0 (the default: load in the training process) or 4"),
+}
+
+
+def _device_problem(device: Any) -> Problem | None:
+    """None when ``device`` is None or names a device this machine has; a problem saying what it has otherwise."""
+    if device is None:
+        return None
+    cuda = torch.cuda.device_count()
+    have = "cpu" + (f", cuda or cuda:0 to cuda:{cuda - 1}" if cuda else " (no CUDA device here)")
+    fix = "leave it out (cuda when present, else cpu) or give one this machine has"
+    try:
+        d = torch.device(device) if isinstance(device, (str, torch.device)) else None
+    except (RuntimeError, ValueError):
+        d = None
+    if d is None:
+        return Problem("device", "not a device name", given=device, expected=have, fix=fix)
+    if d.type == "cpu" or (d.type == "cuda" and cuda and (d.index is None or d.index < cuda)):
+        return None
+    if d.type == "mps" and torch.backends.mps.is_available():
+        return None
+    return Problem("device", "no such device on this machine", given=device, expected=have, fix=fix)
+
+
+def _out_problem(out: Any) -> Problem | None:
+    """None when ``out`` is (or can be made) a folder: it and every parent that exists are folders."""
+    fix = "give a folder path (it is created if missing)"
+    if not isinstance(out, (str, os.PathLike)) or not str(out):
+        return Problem("out", "not a folder path", given=out, expected="a folder path", fix=fix)
+    try:
+        path = Path(out)
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    except (OSError, ValueError) as exc:
+        return Problem("out", f"not a usable path ({type(exc).__name__})", given=str(out), fix=fix)
+    if blocker is None:
+        return None
+    return Problem("out", f"{'it' if blocker == path else short(str(blocker))} exists and is not a folder",
+                   given=str(out), expected="a folder", fix="give another folder, or move the file away")
 
 
 @dataclass
@@ -130,6 +247,11 @@ class TrainResult:
 # -- processes -------------------------------------------------------------------------------------------
 
 
+def world_size() -> int:
+    """The number of processes of this torchrun job (1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class _Dist:
     """This process's place in a torchrun job (world 1 without one)."""
 
@@ -137,7 +259,7 @@ class _Dist:
         import torch.distributed as dist
 
         self.dist = dist
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world = world_size()
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
@@ -406,14 +528,21 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
 def read_checkpoint(folder: Path) -> tuple[dict, dict[str, Tensor]]:
     from safetensors.torch import load_file
 
+    from splice.core.checkpoint import read_json
+
     state_file = folder / STATE
     if not state_file.is_file():
         raise InputError(f"{folder}: no {STATE}: not a training checkpoint\n"
                          "    fix: resume from the run folder that `splice train --out` wrote")
-    state = json.loads(state_file.read_text())
-    if state.get("format") != "splice-train":
-        raise InputError(f"{state_file}: not a splice training state")
-    return state, load_file(str(folder / OPTIMIZER))
+    state = read_json(state_file)
+    if not isinstance(state, dict) or state.get("format") != "splice-train":
+        raise CheckpointError(f"{state_file}: not a splice training state\n"
+                              "    fix: pass --overwrite to start again (the checkpoint is lost)")
+    try:
+        return state, load_file(str(folder / OPTIMIZER))
+    except Exception as exc:  # safetensors raises its own error types for a missing or corrupt file
+        raise CheckpointError(f"{folder / OPTIMIZER}: cannot be read ({type(exc).__name__}: {str(exc)[:200]})\n"
+                              "    fix: pass --overwrite to start again (the checkpoint is lost)") from None
 
 
 def restore_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -426,17 +555,25 @@ def restore_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Op
     model.load_state_dict(saved.state_dict())
     if getattr(model, "tokenizer", None) is None:
         model.tokenizer = saved.tokenizer
-    opt_state: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value
-    groups = state["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    _set_rng_state(state["rng"], tensors, device, rank)
+    try:
+        opt_state: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, idx, name = key.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = value
+        groups = state["param_groups"]
+        for g in groups:
+            if "betas" in g:
+                g["betas"] = tuple(g["betas"])
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        _set_rng_state(state["rng"], tensors, device, rank)
+        if not all(_is_number(state.get(k)) for k in ("step", "samples", "elapsed_s")):
+            raise ValueError("step, samples or elapsed_s is not a number")
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{folder / STATE}: the optimizer or loop state does not fit this model and run "
+            f"({type(exc).__name__}: {str(exc)[:200]})\n    fix: resume with the spec, freeze list and settings "
+            "the run started with, or pass --overwrite to start again") from None
     return state
 
 
@@ -613,15 +750,32 @@ def train(
     ``callbacks`` are called after every optimizer step with ``(step, info)`` (``info``: loss, lr, grad_norm);
     one that raises ``KeyboardInterrupt`` stops the run like Ctrl-C, with a checkpoint.
     """
-    cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+    cfg = _settings(config, overrides)
+    cfg.check(world_size())  # before anything is loaded, allocated or written
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = _Dist(cfg.device)
     try:
-        cfg.check(dist.world)
         return _Run(cfg, dist, model, data, eval_data, callbacks).run()
     finally:
         dist.close()
+
+
+def _settings(config: Any, overrides: dict) -> TrainConfig:
+    """``config`` with ``overrides`` replacing its fields; anything else is an ``InputError``."""
+    import difflib
+
+    if config is not None and not isinstance(config, TrainConfig):
+        raise InputError(f"config: a {type(config).__name__}, expected a TrainConfig\n"
+                         "    fix: pass TrainConfig(...) or the settings as keyword arguments")
+    fields = list(TrainConfig.__dataclass_fields__)
+    unknown = [k for k in overrides if k not in fields]
+    if unknown:
+        raise InputError([Problem(k, "not a training setting", expected="a field of TrainConfig",
+                                  fix="did you mean " + (", ".join(difflib.get_close_matches(k, fields, 3)) or
+                                                         "one of " + ", ".join(fields)) + "?")
+                          for k in unknown], source="train()")
+    return dataclasses.replace(config or TrainConfig(), **overrides)
 
 
 class _Run:
@@ -630,7 +784,11 @@ class _Run:
         self.main = dist.main
         self.out = Path(cfg.out)
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InputError(f"out: {short(str(self.out))} cannot be created ({type(exc).__name__}: "
+                                 f"{exc.strerror})\n    fix: give a folder you can write to") from None
         self.resume_from = _prepare_out(self.out, cfg, self.main)
         if dist.on:
             dist.dist.barrier()  # rank 0 may have cleared an earlier run

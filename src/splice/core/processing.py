@@ -2,11 +2,21 @@
 
 The steps follow transformers' torchvision image processors (resize a uint8 tensor with antialiasing, centre
 crop, then one fused rescale+normalise), so the same image gives the same pixel values.
+
+Bounds. An image file is read only when it is a regular file (a FIFO, a folder or a device is refused without
+being opened for reading) and declares at most ``MAX_IMAGE_PIXELS`` pixels (PIL's own warning bound, about
+9,459 x 9,459: larger is treated as a decompression bomb). A processor's sizes are at most ``MAX_SIDE`` pixels a
+side, and so is every resized image. A bad value in ``preprocessor_config.json`` is a ``CheckpointError`` naming
+the file and the field when the model is loaded.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,13 +24,18 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from splice.core.errors import InputError
+from splice.core.errors import CheckpointError, ConfigError, InputError, Problem, short
 from splice.core.interfaces import Preprocessing
 
 # PIL's resampling codes (what preprocessor_config.json stores) -> torchvision's modes
 _PIL_TO_MODE = {0: "NEAREST_EXACT", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
 _NAME_TO_PIL = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 FILE = "preprocessor_config.json"
+MAX_IMAGE_PIXELS = 89_478_485  # width x height of an image file; PIL's DecompressionBombWarning bound
+MAX_SIDE = 8192  # pixels: the largest size / crop_size a processor takes, and the longest side it resizes to
+MAX_CONFIG_BYTES = 1 << 20  # a preprocessor_config.json larger than this is not one
+_SIZE_KEYS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
+_FLAGS = ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb")
 
 
 @dataclass
@@ -37,6 +52,31 @@ class ImageProcessor:
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
     do_convert_rgb: bool = True
 
+    def __post_init__(self) -> None:
+        """Check every field (all problems at once, a ``ConfigError``) and normalise the accepted shorthands:
+        an int size is a square, a single mean/std number applies to every channel."""
+        problems: list[Problem] = []
+        self.size = _sizes("size", self.size, _SIZE_KEYS, problems)
+        if self.crop_size is not None:
+            self.crop_size = _sizes("crop_size", self.crop_size, _SIZE_KEYS[:1], problems)
+        if type(self.resample) is not int or self.resample not in _PIL_TO_MODE:
+            problems.append(Problem("resample", "not a PIL resampling code", given=self.resample,
+                                    expected="0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box or 5 hamming",
+                                    fix="use 2 (bilinear) or 3 (bicubic), what ViT processors use"))
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                problems.append(Problem(name, "not a boolean", given=getattr(self, name), expected="true or false",
+                                        fix=f"write {name}: true or false"))
+        rf = self.rescale_factor
+        if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not math.isfinite(rf) or rf <= 0:
+            problems.append(Problem("rescale_factor", "not a positive scale", given=rf,
+                                    expected="a finite number > 0", fix="use 0.00392156862745098 (1/255)"))
+        channels = (3,) if self.do_convert_rgb is True else (1, 3)
+        self.image_mean = _per_channel("image_mean", self.image_mean, channels, problems, positive=False)
+        self.image_std = _per_channel("image_std", self.image_std, channels, problems, positive=True)
+        if problems:
+            raise ConfigError(problems, source="the image processor settings")
+
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
     def from_preprocessing(cls, p: Preprocessing) -> "ImageProcessor":
@@ -44,39 +84,47 @@ class ImageProcessor:
         h, w = p.image_size
         resample = _NAME_TO_PIL.get(p.interpolation, 3)
         common = dict(resample=resample, image_mean=tuple(p.mean), image_std=tuple(p.std), do_convert_rgb=p.in_chans == 3)
-        if p.crop_pct >= 1.0 or h != w:
+        if not p.crop_pct or p.crop_pct >= 1.0 or h != w:
             return cls(size={"height": h, "width": w}, **common)
         return cls(size={"shortest_edge": int(h / p.crop_pct)}, do_center_crop=True,
                    crop_size={"height": h, "width": w}, **common)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImageProcessor":
-        """From a transformers ``preprocessor_config.json`` (ViT, DeiT, BEiT, Swin image processors)."""
-        size = d.get("size", {"height": 224, "width": 224})
-        if isinstance(size, int):
-            size = {"height": size, "width": size}
-        crop = d.get("crop_size")
-        if isinstance(crop, int):
-            crop = {"height": crop, "width": crop}
-        resample = d.get("resample", 2)
-        return cls(
-            size=dict(size),
-            resample=int(resample),
-            do_resize=d.get("do_resize", True),
-            do_center_crop=d.get("do_center_crop", False) and crop is not None,
-            crop_size=crop,
-            do_rescale=d.get("do_rescale", True),
-            rescale_factor=d.get("rescale_factor", 1 / 255),
-            do_normalize=d.get("do_normalize", True),
-            image_mean=tuple(d.get("image_mean", (0.5, 0.5, 0.5))),
-            image_std=tuple(d.get("image_std", (0.5, 0.5, 0.5))),
-            do_convert_rgb=d.get("do_convert_rgb", True) is not False,
-        )
+    def from_dict(cls, d: dict, *, source: str = "preprocessor config") -> "ImageProcessor":
+        """From a transformers ``preprocessor_config.json`` (ViT, DeiT, BEiT, Swin image processors). A bad value
+        is a ``CheckpointError`` naming ``source`` and the field; a missing or null one takes the default."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{source}: a JSON {type(d).__name__}, expected an object of image processor "
+                                  "settings\n    fix: save the processor again, or delete the file (the encoder's "
+                                  "own preprocessing is then used)")
+
+        def get(key: str, default: Any) -> Any:
+            return default if d.get(key) is None else d[key]
+
+        crop = get("crop_size", None)
+        try:
+            return cls(
+                size=get("size", {"height": 224, "width": 224}),
+                resample=get("resample", 2),
+                do_resize=get("do_resize", True),
+                do_center_crop=get("do_center_crop", False) if crop is not None else False,
+                crop_size=crop,
+                do_rescale=get("do_rescale", True),
+                rescale_factor=get("rescale_factor", 1 / 255),
+                do_normalize=get("do_normalize", True),
+                image_mean=get("image_mean", (0.5, 0.5, 0.5)),
+                image_std=get("image_std", (0.5, 0.5, 0.5)),
+                do_convert_rgb=get("do_convert_rgb", True),
+            )
+        except ConfigError as exc:
+            raise CheckpointError(exc.problems, source=source) from None
 
     @classmethod
     def from_folder(cls, folder: Path) -> "ImageProcessor | None":
         f = Path(folder) / FILE
-        return cls.from_dict(json.loads(f.read_text())) if f.is_file() else None
+        if not f.is_file():
+            return None
+        return cls.from_dict(_read_config(f), source=str(f))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -90,16 +138,20 @@ class ImageProcessor:
     # -- use ------------------------------------------------------------------------------------------
     def __call__(self, images: Sequence[Any]) -> Tensor:
         """PIL images, paths or uint8 (C, H, W) tensors -> pixel_values (B, C, H, W) float32."""
+        if not images:
+            raise InputError("no images given\n    fix: pass a list of at least one image (path, PIL image or tensor)")
         return torch.stack([self.one(im) for im in images])
 
     def one(self, image: Any) -> Tensor:
+        """One image -> (C, H, W) float32; an image that cannot be used is an ``InputError`` naming it."""
         from torchvision.transforms import v2
         from torchvision.transforms.v2 import functional as tvF
 
         x = _to_uint8_tensor(image, rgb=self.do_convert_rgb)  # (C, H, W) uint8
+        self._check_channels(x, image)
         if self.do_resize:
             mode = getattr(v2.InterpolationMode, _PIL_TO_MODE[self.resample])
-            x = tvF.resize(x, self._resized_hw(x), interpolation=mode, antialias=True)
+            x = tvF.resize(x, self._resized_hw(x, image), interpolation=mode, antialias=True)
         if self.do_center_crop and self.crop_size:
             ch, cw = self.crop_size["height"], self.crop_size["width"]
             x = tvF.center_crop(x, [ch, cw])
@@ -114,39 +166,171 @@ class ImageProcessor:
             return x * self.rescale_factor
         return x
 
-    def _resized_hw(self, x: Tensor) -> list[int]:
-        if "height" in self.size and "width" in self.size:
+    def _check_channels(self, x: Tensor, image: Any) -> None:
+        c = x.shape[0]
+        if self.do_normalize and any(len(v) not in (1, c) for v in (self.image_mean, self.image_std)):
+            raise InputError(
+                f"{_name(image)}: {c} channel(s), but the processor normalises {len(self.image_mean)} "
+                f"(image_mean {list(self.image_mean)})\n    fix: give {len(self.image_mean)}-channel images, "
+                "or set do_convert_rgb: true in preprocessor_config.json")
+
+    def _resized_hw(self, x: Tensor, image: Any = None) -> list[int]:
+        if "height" in self.size:
             return [self.size["height"], self.size["width"]]
-        short = self.size["shortest_edge"]
         h, w = x.shape[-2:]
-        if h <= w:
-            return [short, int(short * w / h)]
-        return [int(short * h / w), short]
+        short = self.size["shortest_edge"]
+        long = int(short * max(h, w) / min(h, w))
+        cap = self.size.get("longest_edge")
+        if cap is not None and long > cap:  # transformers' max_size: shrink so the long side fits
+            short, long = int(cap * short / long), cap
+        if long > MAX_SIDE:
+            raise InputError(
+                f"{_name(image)}: {w}x{h} pixels; resizing its short side to {short} would make the long side "
+                f"{long:,} pixels (more than {MAX_SIDE:,})\n    fix: crop the image to a less extreme aspect "
+                "ratio, or give the processor a size with height and width")
+        return [short, long] if h <= w else [long, short]
+
+
+def _sizes(name: str, value: Any, allowed: tuple[set, ...], problems: list[Problem]) -> Any:
+    """A size / crop_size: an int (a square) or a mapping with one of the ``allowed`` key sets."""
+    if type(value) is int:
+        value = {"height": value, "width": value}
+    keys = " or ".join("{" + ", ".join(sorted(k)) + "}" for k in allowed)
+    if not isinstance(value, dict) or set(value) not in allowed:
+        problems.append(Problem(name, "not an image size", given=value, expected=f"an integer or a mapping {keys}",
+                                fix=f"write {name}: {{height: 224, width: 224}}"))
+        return value
+    for key, side in value.items():
+        if type(side) is not int or not 1 <= side <= MAX_SIDE:
+            problems.append(Problem(f"{name}.{key}", "not an image side", given=side,
+                                    expected=f"an integer from 1 to {MAX_SIDE:,} (pixels)",
+                                    fix=f"use the encoder's image size, e.g. {name}.{key}: 224"))
+    return dict(value)
+
+
+def _per_channel(name: str, value: Any, channels: tuple[int, ...], problems: list[Problem], *, positive: bool) -> Any:
+    """image_mean / image_std: a number for every channel, or one number for all; finite (std > 0)."""
+    values = [value] if isinstance(value, (int, float)) else value
+    ok = isinstance(values, (list, tuple)) and len(values) in (1, *channels) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+        for v in values)
+    if ok:
+        return tuple(float(v) for v in values)
+    lengths = " or ".join(map(str, sorted({1, *channels})))
+    problems.append(Problem(name, "not one number per channel", given=value,
+                            expected=f"{lengths} finite number(s)" + (", each > 0" if positive else ""),
+                            fix=f"write {name}: [0.5, 0.5, 0.5] (or the encoder's own values)"))
+    return value
+
+
+def _read_config(path: Path) -> Any:
+    """``preprocessor_config.json`` as Python data; too large, not UTF-8 or not JSON: a ``CheckpointError``."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path.stat().st_size:,} bytes, more than {MAX_CONFIG_BYTES:,}")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not a readable image processor config ({type(exc).__name__}: "
+                              f"{str(exc)[:200]})\n    fix: save the processor again, or delete the file (the "
+                              "encoder's own preprocessing is then used)") from None
+
+
+def _name(image: Any) -> str:
+    return short(str(image)) if isinstance(image, (str, Path)) else f"<{type(image).__name__}>"
 
 
 def _to_uint8_tensor(image: Any, *, rgb: bool) -> Tensor:
-    from PIL import Image, UnidentifiedImageError
+    """(C, H, W) uint8 from a path, a PIL image or such a tensor: RGB when ``rgb``, else the image's base mode."""
+    from PIL import Image
     from torchvision.transforms.v2 import functional as tvF
 
     if isinstance(image, Tensor):
-        if image.dtype != torch.uint8 or image.dim() != 3:
-            raise InputError(f"an image tensor must be uint8 (C, H, W); got {image.dtype} {tuple(image.shape)}")
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3) or min(image.shape) < 1:
+            raise InputError(f"an image tensor must be uint8 (C, H, W) with 1 or 3 channels; got {image.dtype} "
+                             f"{tuple(image.shape)}\n    fix: pass torchvision.io.read_image(path) or a PIL image")
         return image
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        try:
-            with Image.open(path) as im:
-                im.load()
-                image = im.copy()
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such image file") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise InputError(f"{path}: not a readable image ({exc})\n    fix: give a PNG/JPEG/WebP file") from None
+        image = load_image(image)
     if not isinstance(image, Image.Image):
-        raise InputError(f"expected a PIL image, a path or a uint8 tensor; got {type(image).__name__}")
-    if rgb and image.mode != "RGB":
-        image = image.convert("RGB")
+        raise InputError(f"expected a PIL image, a path or a uint8 tensor; got {type(image).__name__}\n"
+                         "    fix: pass image file paths or PIL images")
+    if image.width < 1 or image.height < 1:
+        raise InputError(f"an empty image ({image.width}x{image.height} pixels)\n    fix: leave it out")
+    base = "RGB" if rgb or Image.getmodebase(image.mode) != "L" else "L"
+    if image.mode != base:
+        image = image.convert(base)
     return tvF.pil_to_tensor(image)
+
+
+def load_image(path: str | Path):
+    """A decoded PIL image from a file, or an ``InputError`` naming it: refuses what is not a regular file (a
+    FIFO, a folder, a device) before opening it, and images of more than ``MAX_IMAGE_PIXELS`` pixels."""
+    from PIL import Image
+
+    name = short(str(path))
+    try:
+        fd = _open_regular(path, name)
+        with os.fdopen(fd, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own bound below decides
+            im = Image.open(fh)
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"its header declares {im.width}x{im.height} pixels")
+            im.load()
+            return im
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{name}: too large an image ({str(exc).rstrip('.')}; at most {MAX_IMAGE_PIXELS:,} "
+                         "pixels are read: a possible decompression bomb)\n    fix: downscale the image") from None
+    except InputError:
+        raise
+    except Exception as exc:  # PIL raises many kinds for broken files (OSError, SyntaxError, struct.error, ...)
+        why = "an empty file" if _size(path) == 0 else _why(exc)
+        raise InputError(f"{name}: not a readable image ({why})\n    fix: give a PNG/JPEG/WebP file") from None
+
+
+def _open_regular(path: str | Path, name: str) -> int:
+    """A read-only descriptor of a regular file. The type is checked by ``stat`` first (nothing is opened), then
+    again on the open descriptor (opened non-blocking, so a FIFO swapped in meanwhile cannot hang it)."""
+    try:
+        kind = _file_kind(os.stat(path).st_mode)
+        if kind is None:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            kind = _file_kind(os.fstat(fd).st_mode)
+            if kind is None:
+                os.set_blocking(fd, True)
+                return fd
+            os.close(fd)
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such image file\n    fix: check the path") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{name}: cannot be read ({_why(exc)})\n    fix: check the path and its permissions") from None
+    raise InputError(f"{name}: {kind}, not an image file\n    fix: give the path of a PNG/JPEG/WebP file")
+
+
+def _file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+    return next((what for test, what in kinds.items() if test(mode)), "not a regular file")
+
+
+def _why(exc: Exception) -> str:
+    """An exception in a few words, without repeating the (possibly huge) file name."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a format PIL reads"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _size(path: str | Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except (OSError, ValueError):
+        return None
 
 
 def processor_for(model) -> ImageProcessor:
