@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from splice.core.errors import Problem, SpliceError, error_for, unknown_problem
+from splice.core.errors import Problem, Shown, SpliceError, error_for, short, unknown_problem
 from splice.core.models import EncoderDecoderModel
 from splice.core.plugins import get_registry
 from splice.core.registry import Entry, Registry
@@ -38,10 +38,30 @@ def params_on_meta() -> Iterator[None]:
             module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
 
     nn.Module.register_parameter = register_parameter
+    # random initialisation of a meta tensor computes nothing, but torch runs it through its Python reference
+    # kernels (most of validate's time); skip it for meta tensors
+    own = {name: torch.Tensor.__dict__.get(name) for name in _RANDOM_INIT}  # None: inherited from the C base
+    for name in _RANDOM_INIT:
+        setattr(torch.Tensor, name, _skip_on_meta(getattr(torch.Tensor, name)))
     try:
         yield
     finally:
         nn.Module.register_parameter = original
+        for name, method in own.items():
+            if method is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, method)
+
+
+_RANDOM_INIT = ("normal_", "uniform_", "erfinv_", "clamp_", "mul_", "add_", "bernoulli_", "exponential_", "log_normal_")
+
+
+def _skip_on_meta(method: Any) -> Any:
+    def init(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self if self.is_meta else method(self, *args, **kwargs)
+
+    return init
 
 
 def init_meta_buffers(model: nn.Module) -> None:
@@ -204,19 +224,54 @@ def _resolve_part(role: str, spec_part, registry: Registry, problems: list[Probl
         try:
             implied = source_config(entry, weights)
         except SpliceError as exc:
-            problems.append(Problem(f"{role}.pretrained", str(exc), given=spec_part.pretrained))
+            problems.extend(_placed(exc, f"{role}.pretrained"))
+            return None
+        except (OSError, ValueError) as exc:  # a name the file system refuses, a NUL byte
+            problems.append(Problem(f"{role}.pretrained", f"cannot read this source: {short(str(exc), 200)}",
+                                    given=weights, expected="a local folder or a hub id owner/name[@revision]",
+                                    fix="check the path or the hub id"))
             return None
         if implied:
             values = {**implied, **dict(spec_part.config)}  # the checkpoint's config, then the spec's overrides
+    config = checked_config(entry, values, f"{role}.config", problems)
+    return None if config is None else Part(role, name, entry, config, preset, spec_part.pretrained, weights)
+
+
+def checked_config(entry: Entry, values: Any, path: str, problems: list[Problem]) -> BaseModel | None:
+    """``entry.config_cls`` validated from ``values``; every failure becomes a Problem at ``path``.
+
+    A validator that raises anything but pydantic's own errors is a fault of the plugin, and is reported so."""
     try:
-        config = entry.config_cls(**values)
+        return entry.config_cls.model_validate(values)
     except ValidationError as exc:
-        problems.extend(problems_from_validation(exc, prefix=f"{role}.config", model=entry.config_cls))
-        return None
-    except (TypeError, ValueError, SpliceError) as exc:
-        problems.append(Problem(f"{role}.config", str(exc)))
-        return None
-    return Part(role, name, entry, config, preset, spec_part.pretrained, weights)
+        problems.extend(problems_from_validation(exc, prefix=path, model=entry.config_cls,
+                                                 describe=f"`splice describe {entry.name}`"))
+    except SpliceError as exc:
+        problems.extend(_placed(exc, path))
+    except Exception as exc:  # noqa: BLE001 - a plugin's validator broke; say whose
+        problems.append(plugin_fault(entry, path, "its config class", exc))
+    return None
+
+
+def plugin_fault(entry: Entry, path: str, where: str, exc: BaseException) -> Problem:
+    """A Problem for an exception a plugin raised where it should have returned or raised a SpliceError."""
+    return Problem(
+        path,
+        f"{entry.kind} {entry.name!r} from plugin {entry.plugin!r} failed in {where}: "
+        f"{type(exc).__name__}: {short(str(exc), 300)}",
+        expected="a built component, or a SpliceError naming the problem",
+        fix=f"report this to the author of plugin {entry.plugin!r}, or pick another {entry.kind}; "
+        f"SPLICE_DISABLE_PLUGINS={entry.plugin} switches it off",
+    )
+
+
+def _placed(exc: SpliceError, path: str) -> list[Problem]:
+    """The problems of a SpliceError, each given ``path`` when it had none, and a fix line when it had none."""
+    out = []
+    for p in exc.problems:
+        fix = p.fix or ("" if "fix:" in p.message else "see the message")
+        out.append(Problem(p.path or path, p.message, given=p.given, expected=p.expected, fix=fix, error=p.error))
+    return out
 
 
 def _is_timm_model(name: str) -> bool:
@@ -270,10 +325,7 @@ def validate(source: Any) -> Plan:
     plan.decoder = _resolve_part("decoder", spec.decoder, registry, problems)
     if registry.has("adapter", spec.cross_attention.kind):
         plan.adapter = registry.get("adapter", spec.cross_attention.kind)
-        try:
-            plan.adapter_config = plan.adapter.config_cls(**spec.cross_attention.config)
-        except ValidationError as exc:
-            problems.extend(problems_from_validation(exc, prefix="cross_attention.config", model=plan.adapter.config_cls))
+        plan.adapter_config = checked_config(plan.adapter, spec.cross_attention.config, "cross_attention.config", problems)
     else:
         problems.append(
             unknown_problem("adapter", spec.cross_attention.kind, registry.names("adapter", with_aliases=True), path="cross_attention.kind")
@@ -284,42 +336,50 @@ def validate(source: Any) -> Plan:
             problems.append(unknown_problem("projection", proj, ["auto", "none", *registry.names("projection")],
                                             path="projection"))
         else:
-            try:
-                plan.projection_config = registry.get("projection", proj).config_cls(**spec.projection_config)
-            except ValidationError as exc:
-                problems.extend(problems_from_validation(exc, prefix="projection.config",
-                                                         model=registry.get("projection", proj).config_cls))
-    if plan.encoder is None or plan.decoder is None:
+            plan.projection_config = checked_config(registry.get("projection", proj), spec.projection_config,
+                                                    "projection.config", problems)
+    if plan.encoder is None or plan.decoder is None or problems:
         return plan
-    try:
-        with params_on_meta():
-            encoder, decoder = _build_parts(plan)
-    except SpliceError as exc:
-        problems.extend(exc.problems)
+    with params_on_meta():
+        built = _build_parts(plan)
+    if built is None:
         return plan
+    encoder, decoder = built
     _decide(plan, encoder, decoder)
     if plan.problems or plan.adapter is None:
         return plan
     with params_on_meta():
         model = _join(plan, encoder, decoder)
+    if model is None:
+        return plan
     _count(plan, model)
     plan.meta_model = model
     return plan
 
 
-def _build_parts(plan: Plan) -> tuple[nn.Module, nn.Module]:
+def _build_parts(plan: Plan) -> tuple[nn.Module, nn.Module] | None:
+    """The encoder and decoder modules; None (with the problems in the plan) when a builder fails."""
     parts = []
     for part in (plan.encoder, plan.decoder):
-        module = part.entry.builder(part.config)
+        try:
+            module = part.entry.builder(part.config)
+        except SpliceError as exc:
+            plan.problems.extend(_placed(exc, f"{part.role}.config"))
+            continue
+        except Exception as exc:  # noqa: BLE001 - a plugin's builder broke; say whose
+            plan.problems.append(plugin_fault(part.entry, f"{part.role}.name", "its builder", exc))
+            continue
         width = getattr(module, "hidden_size", None)
-        if not isinstance(width, int):
-            raise SpliceError(
-                [Problem(f"{part.role}.name", f"component {part.family!r} built a module without an int `hidden_size`",
-                         fix=f"fix the plugin {part.entry.plugin!r}: it must satisfy the {part.role} protocol")]
+        if not isinstance(width, int) or isinstance(width, bool):
+            plan.problems.append(
+                Problem(f"{part.role}.name", f"component {part.family!r} built a module without an int `hidden_size`",
+                        given=Shown(type(width).__name__), expected="an int",
+                        fix=f"fix the plugin {part.entry.plugin!r}: it must satisfy the {part.role} protocol")
             )
+            continue
         part.width = width
         parts.append(module)
-    return parts[0], parts[1]
+    return (parts[0], parts[1]) if len(parts) == 2 else None
 
 
 def _decide(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> None:
@@ -367,7 +427,14 @@ def _decide(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> None:
             )
         plan.cross_attention = {s.index: "native" for s in layer_specs}
     else:
+        before = len(problems)
         chosen = _layers_from_spec(spec.cross_attention.layers, len(layer_specs), problems)
+        if not chosen and len(problems) == before:
+            problems.append(
+                Problem("cross_attention.layers", "no decoder layer gets cross-attention, so the text never sees the image",
+                        given=spec.cross_attention.layers, expected="at least one layer",
+                        fix="use `layers: all`, `every-N` or a list of layer indices")
+            )
         plan.cross_attention = {i: spec.cross_attention.kind for i in chosen}
         for s in layer_specs:
             if s.index in plan.cross_attention and s.width % s.heads:
@@ -403,27 +470,47 @@ def _decide(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> None:
         )
 
 
-def _join(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> EncoderDecoderModel:
+def _join(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> EncoderDecoderModel | None:
+    """The whole model from its parts; None (with the problems in the plan) when a plugin's builder fails."""
     registry = get_registry()
     proj = None
     if plan.projection is not None:
-        proj_entry = registry.get("projection", plan.projection)
-        proj_config = plan.projection_config or proj_entry.make_config()
-        proj = proj_entry.builder(proj_config)(plan.encoder.width, plan.context_width)
-    installed = []
+        entry = registry.get("projection", plan.projection)
+        config = plan.projection_config or entry.make_config()
+        proj = _plugin_call(plan, entry, "projection", lambda: entry.builder(config)(plan.encoder.width, plan.context_width))
+    installed: list[nn.Module] = []
     if not getattr(decoder, "native_cross_attention", False):
-        adapter = plan.adapter.builder(plan.adapter_config)
-        specs = {s.index: s for s in decoder.layer_specs()}
-        for layer in sorted(plan.cross_attention):
-            module = adapter.build(specs[layer], plan.context_width)
-            decoder.install_cross_attention(layer, module)
-            installed.append(module)
+        installed = _plugin_call(plan, plan.adapter, "cross_attention.kind", lambda: _adapters(plan, decoder)) or []
+    if plan.problems:
+        return None
     spec = plan.resolved_spec()
     model = EncoderDecoderModel(encoder, decoder, proj, tokens=spec["tokens"], spec=spec, cross_attention=installed)
     if plan.spec.max_length is not None:
         model.generation_defaults["max_length"] = plan.spec.max_length
     apply_freeze(model, plan.spec.freeze)
     return model
+
+
+def _adapters(plan: Plan, decoder: nn.Module) -> list[nn.Module]:
+    adapter = plan.adapter.builder(plan.adapter_config)
+    specs = {s.index: s for s in decoder.layer_specs()}
+    installed = []
+    for layer in sorted(plan.cross_attention):
+        module = adapter.build(specs[layer], plan.context_width)
+        decoder.install_cross_attention(layer, module)
+        installed.append(module)
+    return installed
+
+
+def _plugin_call(plan: Plan, entry: Entry, path: str, fn: Any) -> Any:
+    """``fn()``; an exception from the plugin's code becomes a problem in the plan (and None)."""
+    try:
+        return fn()
+    except SpliceError as exc:
+        plan.problems.extend(_placed(exc, path))
+    except Exception as exc:  # noqa: BLE001 - a plugin's builder broke; say whose
+        plan.problems.append(plugin_fault(entry, path, "its builder", exc))
+    return None
 
 
 def apply_freeze(model: EncoderDecoderModel, freeze: list[str]) -> None:
@@ -463,8 +550,11 @@ def assemble(plan: Plan, *, meta: bool = False) -> EncoderDecoderModel:
     plan.raise_for_problems()
     ctx = params_on_meta() if meta else contextlib.nullcontext()
     with ctx:
-        encoder, decoder = _build_parts(plan)
-        return _join(plan, encoder, decoder)
+        built = _build_parts(plan)
+        model = _join(plan, *built) if built is not None else None
+    plan.raise_for_problems()
+    assert model is not None
+    return model
 
 
 def compose(source: Any, *, seed: int | None = None, strict: bool = False) -> EncoderDecoderModel:

@@ -21,6 +21,12 @@ class Problem:
     fix: str = ""
     error: str = "config"  # which SpliceError subclass this problem belongs to: config|unknown|incompatible
 
+    def __post_init__(self) -> None:
+        # a problem quotes what was given; a huge value (an anchor bomb, a tensor) is kept as its bounded repr,
+        # so that neither the message nor `--json` output renders it whole
+        if not _small(self.given):
+            object.__setattr__(self, "given", Shown(short(self.given)))
+
     def __str__(self) -> str:
         parts = [f"{self.path or '<root>'}: {self.message}"]
         if self.given is not None:
@@ -71,14 +77,14 @@ class UnknownComponentError(SpliceError):
 def unknown_problem(kind: str, name: str, known: Sequence[str], *, path: str = "", list_kind: str | None = None) -> Problem:
     import difflib
 
-    close = difflib.get_close_matches(str(name), list(known), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(str(name)[:100], list(known), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else "no registered name is close"
     return Problem(
         path=path,
-        message=f"unknown {kind} {name!r} ({hint})",
+        message=f"unknown {kind} {short(name)} ({hint})",
         expected=f"a registered {kind}",
         fix=f"`splice list{_kind_flag(kind if list_kind is None else list_kind)}` shows them; "
-        f"or install the plugin that provides {name!r}",
+        f"or install the plugin that provides {short(name, 40)}",
         error="unknown",
     )
 
@@ -100,6 +106,32 @@ class InputError(SpliceError):
 
 
 GIVEN_LIMIT = 80
+
+
+class Shown(str):
+    """A value already rendered for a message: its repr is the text itself."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _small(value: Any, budget: list[int] | None = None) -> bool:
+    """True for plain JSON-like values of a few dozen items at most (kept as they are in a Problem)."""
+    budget = [40] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
+    if value is None or isinstance(value, (bool, float, Shown)):
+        return True
+    if isinstance(value, int):
+        return value.bit_length() <= 64
+    if isinstance(value, str):
+        return len(value) <= GIVEN_LIMIT
+    if isinstance(value, (list, tuple)):
+        return all(_small(v, budget) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _small(k, budget) and _small(v, budget) for k, v in value.items())
+    return False
 
 
 def short(value: Any, limit: int = GIVEN_LIMIT) -> str:

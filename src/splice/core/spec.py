@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -16,7 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
 
-from splice.core.errors import ConfigError, Problem
+from splice.core.errors import ConfigError, Problem, Shown, short
 
 
 class _Strict(BaseModel):
@@ -108,46 +109,124 @@ def schema() -> dict:
 # -- reading -------------------------------------------------------------------------------------------
 
 
+MAX_SPEC_BYTES = 1 << 20  # a spec is a few hundred bytes; 1 MiB is far beyond any real one
+MAX_SPEC_VALUES = 10_000  # values in the spec once YAML aliases are expanded
+MAX_SPEC_DEPTH = 32  # nesting of mappings and lists
+MAX_INT = 2**63 - 1  # no size or id in a spec is larger
+
+
 def read_spec_source(source: Any) -> tuple[dict, str | None]:
-    """A spec as a plain dict, from a path (YAML/JSON), a composition preset name, a dict or a spec object."""
+    """A spec as a plain dict, from a path (YAML/JSON), a composition preset name, a dict or a spec object.
+
+    Whatever the source, the data is bounded before anything else reads it: size, nesting, expanded YAML aliases,
+    huge integers and non-finite numbers are refused with the dotted path where they are."""
     if isinstance(source, CompositionSpec):
         return source.model_dump(), None
     if isinstance(source, dict):
+        _check_bounds(source, None)
         return source, None
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if path.is_file():
-            text = path.read_text()
-            try:
-                data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-            except (yaml.YAMLError, json.JSONDecodeError) as exc:
-                raise ConfigError(
-                    [Problem("", f"cannot parse {path}: {exc}", fix="fix the YAML/JSON syntax")], source=str(path)
-                ) from None
-            if not isinstance(data, dict):
-                raise ConfigError(
-                    [Problem("", "a spec must be a mapping", given=type(data).__name__, expected="a YAML mapping")],
-                    source=str(path),
-                )
+        if _is_file(path):
+            data = _parse_file(path)
+            _check_bounds(data, str(path))
             return data, str(path)
-        from splice.core.plugins import get_registry
+        return _preset(str(source))
+    raise ConfigError([Problem("spec", "cannot read a spec from this type", given=Shown(type(source).__name__),
+                               expected="a path, a preset name, a dict or a CompositionSpec",
+                               fix="pass the path of a .yaml/.json spec, a preset name or a dict")])
 
-        registry = get_registry()
-        if str(source) in registry.compositions:
-            return dict(registry.compositions[str(source)]), f"preset {source}"
-        close = difflib.get_close_matches(str(source), list(registry.compositions), n=3, cutoff=0.5)
-        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-        raise ConfigError(
-            [
-                Problem(
-                    "",
-                    f"{str(source)!r} is neither a spec file nor a composition preset{hint}",
-                    expected="a path to a .yaml/.json spec or a preset from `splice list --kind preset`",
-                    fix="check the path, or pick a preset name",
-                )
-            ]
-        )
-    raise ConfigError(f"cannot read a spec from {type(source).__name__}: give a path, a preset name, a dict or a CompositionSpec")
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a file
+        return False
+
+
+def _parse_file(path: Path) -> dict:
+    def refuse(message: str, fix: str, expected: str = "") -> ConfigError:
+        return ConfigError([Problem("spec", message, expected=expected, fix=fix)], source=str(path))
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise refuse(f"cannot read the file: {exc.strerror}", "check the path and its permissions") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise refuse("the file is larger than 1 MiB", "a spec is a short YAML file: check that this is one",
+                     expected=f"at most {MAX_SPEC_BYTES:,} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise refuse(f"byte {raw[exc.start]:#04x} at line {line} is not UTF-8", "save the spec as UTF-8 text",
+                     expected="UTF-8 text") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise refuse(f"cannot parse it: {short(str(exc), 400)}", "fix the YAML/JSON syntax at the place named") from None
+    except RecursionError:
+        raise refuse("it is nested too deeply to parse", f"a spec nests at most {MAX_SPEC_DEPTH} levels") from None
+    except ValueError as exc:  # an integer literal of thousands of digits
+        raise refuse(f"a value cannot be read: {short(str(exc), 200)}", "write sizes and ids as ordinary integers") from None
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("spec", "a spec must be a mapping", given=Shown(type(data).__name__),
+                                   expected="a YAML mapping with encoder: and decoder:",
+                                   fix="start from `splice schema` or an example in examples/")], source=str(path))
+    return data
+
+
+def _check_bounds(data: Any, source: str | None) -> None:
+    """Walk the data once, with a budget: refuse alias bombs, deep nesting, huge ints and NaN/inf by path."""
+    budget = [MAX_SPEC_VALUES]
+    problems: list[Problem] = []
+
+    def walk(value: Any, path: str, depth: int) -> None:
+        budget[0] -= 1
+        if budget[0] < 0 or len(problems) >= 10:
+            return
+        if depth > MAX_SPEC_DEPTH:
+            problems.append(Problem(path, "nested too deeply", expected=f"at most {MAX_SPEC_DEPTH} levels",
+                                    fix="a spec's values are flat: check this entry"))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{path}.{_key(key)}" if path else _key(key), depth + 1)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{path}.{i}" if path else str(i), depth + 1)
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(Problem(path, "not a finite number", given=value, expected="a finite number",
+                                    fix=f"give `{path.rsplit('.', 1)[-1]}` an ordinary number"))
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            problems.append(Problem(path, "integer too large", given=value, expected=f"at most {MAX_INT:,}",
+                                    fix=f"give `{path.rsplit('.', 1)[-1]}` a realistic value"))
+
+    walk(data, "", 0)
+    if budget[0] < 0:
+        problems.insert(0, Problem("spec", f"the spec expands to more than {MAX_SPEC_VALUES:,} values "
+                                   "(YAML anchors and aliases repeat values)",
+                                   expected=f"at most {MAX_SPEC_VALUES:,} values",
+                                   fix="write the spec without nested aliases"))
+    if problems:
+        raise ConfigError(problems, source=source)
+
+
+def _key(key: Any) -> str:
+    return key if isinstance(key, str) and len(key) <= 40 else short(key, 40)
+
+
+def _preset(name: str) -> tuple[dict, str]:
+    from splice.core.plugins import get_registry
+
+    registry = get_registry()
+    if name in registry.compositions:
+        return dict(registry.compositions[name]), f"preset {name}"
+    close = difflib.get_close_matches(name[:200], list(registry.compositions), n=3, cutoff=0.5)
+    hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    raise ConfigError([Problem("spec", f"neither a spec file nor a composition preset{hint}", given=name,
+                               expected="a path to a .yaml/.json spec or a preset from `splice list --kind preset`",
+                               fix="check the path, or pick a preset name")])
 
 
 def parse_spec(source: Any) -> CompositionSpec:
@@ -159,12 +238,15 @@ def parse_spec(source: Any) -> CompositionSpec:
         raise ConfigError(problems_from_validation(exc, model=CompositionSpec), source=where) from None
 
 
-def problems_from_validation(exc: ValidationError, *, prefix: str = "", model: type[BaseModel] | None = None) -> list[Problem]:
-    """pydantic's errors as Problems with dotted paths, expectations and fixes."""
+def problems_from_validation(exc: ValidationError, *, prefix: str = "", model: type[BaseModel] | None = None,
+                             describe: str = "`splice schema`") -> list[Problem]:
+    """pydantic's errors as Problems with dotted paths, expectations and fixes.
+
+    ``describe`` names where the allowed values are listed (a component's `splice describe NAME`)."""
     problems: list[Problem] = []
     union_seen: dict[str, Problem] = {}
-    for err in exc.errors():
-        loc = [str(x) for x in err["loc"]]
+    for err in exc.errors(include_url=False):
+        loc = [_key(x) if isinstance(x, str) else str(x) for x in err["loc"]]
         if len(loc) > 1 and _UNION_BRANCH.match(loc[-1]):
             # one problem per field, not one per member of a Union
             path = ".".join([prefix, *loc[:-1]] if prefix else loc[:-1])
@@ -177,26 +259,27 @@ def problems_from_validation(exc: ValidationError, *, prefix: str = "", model: t
                 union_seen[path] = Problem(path, "wrong type", given=err.get("input"), expected=loc[-1], fix=f"give `{loc[-2]}` one of the expected types")
                 problems.append(union_seen[path])
             continue
-        path = ".".join([prefix, *loc] if prefix else loc)
-        kind = err["type"]
-        given = err.get("input")
-        if kind == "extra_forbidden":
-            allowed = _allowed_fields(model, err["loc"][:-1])
-            close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
-            fix = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}" if allowed else "remove it"
-            problems.append(Problem(path, "unknown key", expected="one of the documented keys", fix=fix))
-        elif kind == "missing":
-            problems.append(Problem(path, "required key is missing", fix=f"add `{loc[-1]}`"))
-        else:
-            msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-            expected = ""
-            if "expected" in err.get("ctx", {}):
-                expected = str(err["ctx"]["expected"])
-            if not err["loc"] or isinstance(given, (dict, list)) and len(repr(given)) > 60:
-                given = None  # a whole config: the message itself names the values
-            field_name = next((part for part in reversed(loc) if not part.isdigit()), "")
-            problems.append(Problem(path, msg, given=given, expected=expected, fix=_fix_for(kind, field_name)))
+        path = ".".join([prefix, *loc] if prefix else loc) or prefix or "spec"
+        problems.append(_problem(err, path, loc, model, describe))
     return problems
+
+
+def _problem(err: dict, path: str, loc: list[str], model: type[BaseModel] | None, describe: str) -> Problem:
+    kind = err["type"]
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        allowed = _allowed_fields(model, err["loc"][:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
+        fix = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}" if allowed else "remove it"
+        return Problem(path, "unknown key", expected="one of the documented keys", fix=fix)
+    if kind == "missing":
+        return Problem(path, "required key is missing", fix=f"add `{loc[-1]}`")
+    msg = short(err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, "), 600)
+    expected = str(err.get("ctx", {}).get("expected", ""))
+    if not err["loc"] or isinstance(given, (dict, list)) and len(short(given)) > 60:
+        given = None  # a whole config: the message itself names the values
+    field_name = next((part for part in reversed(loc) if not part.isdigit()), "") or "the value"
+    return Problem(path, msg, given=given, expected=expected, fix=_fix_for(kind, field_name, describe))
 
 
 _UNION_BRANCH = re.compile(r"^(bool|str|int|float|none|list\[.*\]|dict\[.*\]|tuple\[.*\]|literal\[.*\])$")
@@ -212,9 +295,11 @@ def _allowed_fields(model: type[BaseModel] | None, loc: tuple) -> list[str]:
     return list(model.model_fields) if model is not None else []
 
 
-def _fix_for(kind: str, name: str) -> str:
-    if kind.startswith(("int_", "float_", "bool_", "string_")) or kind in ("int_type", "literal_error"):
-        return f"give `{name}` a value of the expected type"
-    if kind.startswith(("greater_than", "less_than")):
+def _fix_for(kind: str, name: str, describe: str) -> str:
+    if kind.endswith(("_type", "_parsing")) or kind in ("literal_error", "enum"):
+        return f"give `{name}` a value of the expected type ({describe} lists each field)"
+    if kind.startswith(("greater_than", "less_than", "multiple_of", "finite_number")):
         return f"choose a value for `{name}` within the bounds"
-    return ""
+    if kind.startswith(("too_short", "too_long")):
+        return f"give `{name}` as many items as expected"
+    return f"change `{name}` as the message says ({describe} lists the allowed values)"
