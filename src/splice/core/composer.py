@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from splice.core.errors import Problem, Shown, SpliceError, error_for, short, unknown_problem
+from splice.core.errors import Problem, Shown, SpliceError, clip, error_for, short, unknown_problem
 from splice.core.models import EncoderDecoderModel
 from splice.core.plugins import get_registry
 from splice.core.registry import Entry, Registry
@@ -227,7 +227,7 @@ def _resolve_part(role: str, spec_part, registry: Registry, problems: list[Probl
             problems.extend(_placed(exc, f"{role}.pretrained"))
             return None
         except (OSError, ValueError) as exc:  # a name the file system refuses, a NUL byte
-            problems.append(Problem(f"{role}.pretrained", f"cannot read this source: {short(str(exc), 200)}",
+            problems.append(Problem(f"{role}.pretrained", f"cannot read this source: {clip(str(exc), 200)}",
                                     given=weights, expected="a local folder or a hub id owner/name[@revision]",
                                     fix="check the path or the hub id"))
             return None
@@ -258,7 +258,7 @@ def plugin_fault(entry: Entry, path: str, where: str, exc: BaseException) -> Pro
     return Problem(
         path,
         f"{entry.kind} {entry.name!r} from plugin {entry.plugin!r} failed in {where}: "
-        f"{type(exc).__name__}: {short(str(exc), 300)}",
+        f"{type(exc).__name__}: {clip(str(exc), 300)}",
         expected="a built component, or a SpliceError naming the problem",
         fix=f"report this to the author of plugin {entry.plugin!r}, or pick another {entry.kind}; "
         f"SPLICE_DISABLE_PLUGINS={entry.plugin} switches it off",

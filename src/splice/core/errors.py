@@ -134,6 +134,11 @@ def _small(value: Any, budget: list[int] | None = None) -> bool:
     return False
 
 
+def clip(text: str, limit: int = 300) -> str:
+    """A message (plain text, not a repr) cut to ``limit`` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def short(value: Any, limit: int = GIVEN_LIMIT) -> str:
     """``repr(value)`` cut to about ``limit`` characters, without rendering more than that.
 

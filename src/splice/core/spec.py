@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
 
-from splice.core.errors import ConfigError, Problem, Shown, short
+from splice.core.errors import ConfigError, Problem, Shown, clip, short
 
 
 class _Strict(BaseModel):
@@ -165,11 +165,11 @@ def _parse_file(path: Path) -> dict:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise refuse(f"cannot parse it: {short(str(exc), 400)}", "fix the YAML/JSON syntax at the place named") from None
+        raise refuse(f"cannot parse it: {clip(str(exc), 400)}", "fix the YAML/JSON syntax at the place named") from None
     except RecursionError:
         raise refuse("it is nested too deeply to parse", f"a spec nests at most {MAX_SPEC_DEPTH} levels") from None
     except ValueError as exc:  # an integer literal of thousands of digits
-        raise refuse(f"a value cannot be read: {short(str(exc), 200)}", "write sizes and ids as ordinary integers") from None
+        raise refuse(f"a value cannot be read: {clip(str(exc), 200)}", "write sizes and ids as ordinary integers") from None
     if not isinstance(data, dict):
         raise ConfigError([Problem("spec", "a spec must be a mapping", given=Shown(type(data).__name__),
                                    expected="a YAML mapping with encoder: and decoder:",
@@ -274,7 +274,7 @@ def _problem(err: dict, path: str, loc: list[str], model: type[BaseModel] | None
         return Problem(path, "unknown key", expected="one of the documented keys", fix=fix)
     if kind == "missing":
         return Problem(path, "required key is missing", fix=f"add `{loc[-1]}`")
-    msg = short(err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, "), 600)
+    msg = clip(err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, "), 600)
     expected = str(err.get("ctx", {}).get("expected", ""))
     if not err["loc"] or isinstance(given, (dict, list)) and len(short(given)) > 60:
         given = None  # a whole config: the message itself names the values
