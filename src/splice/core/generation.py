@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from splice.core.errors import InputError, Problem
+from splice.core.models import check_mask, check_token_ids
 
 __all__ = ["GenerationSettings", "KVCache", "generate", "resolve_settings"]
 
@@ -161,6 +163,16 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_real(x: Any) -> bool:
+    """A finite int or float (NaN, Inf and ints too large for a float are not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 def _pick(name: str, kwargs: dict, defaults: dict) -> Any:
     value = kwargs.get(name)
     if value is None:
@@ -179,8 +191,10 @@ def resolve_settings(model, kwargs: dict[str, Any], prompt_len: int) -> Generati
     search = _search_options(kwargs, defaults)
     eos_list, pad = _eos_and_pad(kwargs, defaults, tokens)
     forced_bos, forced_eos = _forced(kwargs, defaults)
-    return GenerationSettings(max_length=max_len, min_length=min_len, eos=eos_list, pad=pad, prompt_len=prompt_len,
-                              forced_bos=forced_bos, forced_eos=forced_eos, length_from=length_from, **search)
+    s = GenerationSettings(max_length=max_len, min_length=min_len, eos=eos_list, pad=pad, prompt_len=prompt_len,
+                           forced_bos=forced_bos, forced_eos=forced_eos, length_from=length_from, **search)
+    _fit_vocabulary(s, getattr(getattr(model, "decoder", None), "vocab_size", None))
+    return s
 
 
 def _lengths(kwargs: dict, defaults: dict, prompt_len: int) -> tuple[int, int, str]:
@@ -239,18 +253,18 @@ def _search_options(kwargs: dict, defaults: dict) -> dict[str, Any]:
                    f"raise num_beams to {num_return} or ask for fewer sequences")
 
     temperature = _pick("temperature", kwargs, defaults)
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or (do_sample and temperature <= 0):
-        raise _bad("temperature", temperature, "a number > 0",
+    if not _is_real(temperature) or (do_sample and temperature <= 0):  # ignored (as transformers) when greedy
+        raise _bad("temperature", temperature, "a finite number > 0",
                    "use a positive temperature; for greedy decoding pass do_sample=False instead of temperature=0")
     top_k = _pick("top_k", kwargs, defaults)
     if not _is_int(top_k) or top_k < 0:
         raise _bad("top_k", top_k, "an integer >= 0 (0 switches top-k off)", "pass e.g. top_k=50, or top_k=0")
     top_p = _pick("top_p", kwargs, defaults)
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+    if not _is_real(top_p) or not 0 < top_p <= 1:
         raise _bad("top_p", top_p, "a number in (0, 1]", "pass e.g. top_p=0.9, or top_p=1.0 to switch it off")
     length_penalty = _pick("length_penalty", kwargs, defaults)
-    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool):
-        raise _bad("length_penalty", length_penalty, "a number (> 0 favours long beams, < 0 short ones)",
+    if not _is_real(length_penalty):
+        raise _bad("length_penalty", length_penalty, "a finite number (> 0 favours long beams, < 0 short ones)",
                    "pass e.g. length_penalty=1.0")
     early_stopping = _pick("early_stopping", kwargs, defaults)
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):
@@ -260,8 +274,8 @@ def _search_options(kwargs: dict, defaults: dict) -> dict[str, Any]:
     if not _is_int(ngram) or ngram < 0:
         raise _bad("no_repeat_ngram_size", ngram, "an integer >= 0 (0 switches it off)", "pass e.g. 3")
     rep = _pick("repetition_penalty", kwargs, defaults)
-    if not isinstance(rep, (int, float)) or isinstance(rep, bool) or rep <= 0:
-        raise _bad("repetition_penalty", rep, "a number > 0 (1.0 switches it off; > 1 discourages repeats)",
+    if not _is_real(rep) or rep <= 0:
+        raise _bad("repetition_penalty", rep, "a finite number > 0 (1.0 switches it off; > 1 discourages repeats)",
                    "pass e.g. repetition_penalty=1.2")
     return dict(num_beams=num_beams, num_return_sequences=num_return, do_sample=do_sample,
                 temperature=float(temperature), top_k=top_k, top_p=float(top_p), length_penalty=float(length_penalty),
@@ -304,6 +318,22 @@ def _forced(kwargs: dict, defaults: dict) -> tuple[int | None, list[int] | None]
                        "pass the id(s), or leave it None")
         forced_eos = list(forced_eos)
     return forced_bos, forced_eos
+
+
+def _fit_vocabulary(s: GenerationSettings, vocab: Any) -> None:
+    """Every token id the search writes or forces lies in the decoder's vocabulary, and num_beams fits it."""
+    if not _is_int(vocab):
+        return
+    named = (("eos_token_id", s.eos), ("pad_token_id", [] if s.pad is None else [s.pad]),
+             ("forced_bos_token_id", [] if s.forced_bos is None else [s.forced_bos]),
+             ("forced_eos_token_id", s.forced_eos or []))
+    for name, ids in named:
+        if any(i >= vocab for i in ids):
+            raise _bad(name, ids[0] if len(ids) == 1 else ids, f"token ids < vocab_size ({vocab})",
+                       f"use ids of the decoder's vocabulary (0 .. {vocab - 1})")
+    if s.num_beams > vocab:
+        raise _bad("num_beams", s.num_beams, f"at most vocab_size ({vocab}): the first step has only {vocab} "
+                   "continuations to fill the beams with", f"use num_beams <= {vocab} (4 to 8 is usual)")
 
 
 # ---- logits processors -------------------------------------------------------------------------------------
@@ -424,9 +454,13 @@ def generate(
     start with it gets it prepended, as in transformers; ``decoder_attention_mask`` marks left padding.
     Sequences that end early are padded with ``pad_token_id``. Sampling draws from ``generator`` (or a fresh
     one seeded with ``seed``), else from torch's global generator.
-    """
-    from splice.core.models import _last_hidden
 
+    Inputs are checked as ``model.forward`` checks them (``splice.core.models.check_pixels``: fp16/bf16/fp64
+    pixels are cast, NaN/Inf pixels refused), and every option before anything is allocated: token ids must fit
+    the vocabulary, numbers must be finite, num_beams <= vocab_size, and a search whose buffers would not fit in
+    the device's free memory (at most ``MAX_DECODE_BYTES``) is refused (``_fit_memory``). Tensors must be on the
+    model's device. An empty batch gives (0, prompt length) ids without running the decoder.
+    """
     _refuse_unknown(unknown)
     kwargs = dict(
         max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length,
@@ -438,20 +472,19 @@ def generate(
     defaults = getattr(model, "generation_defaults", None) or {}
 
     # -- the image context: the encoder runs once per image
-    if encoder_outputs is None:
-        if pixel_values is None:
-            raise InputError("generate needs pixel_values (B, C, H, W) or encoder_outputs\n"
-                             "    fix: pass the preprocessed images, or the output of model.encode(images)")
-        encoder_outputs = model.encode(pixel_values)
-    context = model.context(_last_hidden(encoder_outputs))  # (B, N, D_ctx)
+    context = model.context(model.encoder_hidden(pixel_values, encoder_outputs))  # (B, N, D_ctx)
     B, device = context.shape[0], context.device
 
-    # -- the decoder prompt and the settings
+    # -- the decoder prompt and the settings, all checked before anything is allocated
     start = _start_token(model, decoder_start_token_id, defaults)
-    prompt, prompt_mask = _prompt(decoder_input_ids, decoder_attention_mask, start, B, device)
+    prompt, prompt_mask = _prompt(decoder_input_ids, decoder_attention_mask, start, context,
+                                  model.decoder.vocab_size)
     s = resolve_settings(model, kwargs, prompt.shape[1])
     generator = _generator(generator, seed, device)
     _fit_positions(s, model.decoder, kwargs, defaults)
+    _fit_memory(s, model.decoder, context)
+    if B == 0:  # nothing to decode: the empty prompt, as wide as it is
+        return prompt
     prompt, logits, step, processors = _prefill(model.decoder, s, prompt, prompt_mask, context)
     if s.num_beams > 1:
         return _beam_search(s, prompt, logits, step, processors, generator, B)
@@ -479,6 +512,10 @@ def _start_token(model, given: int | None, defaults: dict) -> int:
     if start is None:
         raise InputError("tokens.decoder_start is not set, so generation has no first token\n"
                          "    fix: add `tokens: {decoder_start: <id>}` to the spec, or pass decoder_start_token_id")
+    vocab = model.decoder.vocab_size
+    if not _is_int(start) or not 0 <= start < vocab:
+        raise _bad("decoder_start_token_id", start, f"a token id in [0, {vocab - 1}] (vocab_size={vocab})",
+                   "pass the id the decoder starts from (tokens.decoder_start in the spec)")
     return start
 
 
@@ -486,9 +523,13 @@ def _generator(generator: torch.Generator | None, seed: Any, device) -> torch.Ge
     if generator is not None and seed is not None:
         raise _bad("seed", seed, "either generator or seed, not both", "drop one of them")
     if seed is not None:
-        if not _is_int(seed):
-            raise _bad("seed", seed, "an integer", "pass e.g. seed=0")
+        if not _is_int(seed) or not -(2**63) <= seed < 2**64:
+            raise _bad("seed", seed, "an integer in [-2**63, 2**64)", "pass e.g. seed=0")
         generator = torch.Generator(device=device).manual_seed(seed)
+    if generator is not None and (not isinstance(generator, torch.Generator)
+                                  or generator.device.type != torch.device(device).type):
+        raise _bad("generator", generator, f"a torch.Generator on {torch.device(device).type}, where the model is",
+                   f"pass torch.Generator(device={str(device)!r}).manual_seed(...), or seed=...")
     return generator
 
 
@@ -503,6 +544,64 @@ def _fit_positions(s: GenerationSettings, decoder, kwargs: dict, defaults: dict)
             raise _bad(s.length_from, kwargs.get(s.length_from) or defaults.get(s.length_from) or s.max_length,
                        f"prompt + new tokens <= {limit + 1}: the decoder reads at most {limit} positions",
                        f"ask for at most {limit + 1 - P} new tokens (max_length <= {limit + 1})")
+
+
+MAX_DECODE_BYTES = 1 << 40  # the bound on decoding buffers where a device's free memory cannot be read
+_READ_FREE_FROM = 1 << 30  # smaller estimates pass without reading the free memory: a normal call costs nothing
+
+
+def _fit_memory(s: GenerationSettings, decoder, context: Tensor) -> None:
+    """Refuse, before allocating, a search whose buffers cannot fit (``num_beams=10**6`` must be an InputError,
+    not an allocator failure or the OOM killer).
+
+    The estimate is per decoded row (B x num_beams, or B x num_return_sequences): a few float32 (rows, V) score
+    tensors, the self-attention cache of max_length positions (two buffers when beams reorder it), the
+    cross-attention K/V of the N context tokens, and the int64 ids. Above 1 GiB it is compared with the free
+    memory of the device (CUDA: ``torch.cuda.mem_get_info`` plus what torch's allocator holds unused; CPU:
+    MemAvailable, or the cgroup's limit when lower), else with ``MAX_DECODE_BYTES``.
+    """
+    B, N = context.shape[0], context.shape[1]
+    rows = B * (s.num_beams if s.num_beams > 1 else s.num_return_sequences)
+    widths = sum(spec.width for spec in decoder.layer_specs())  # K and V of every layer, per position
+    buffers = 2 if s.num_beams > 1 else 1
+    per_row = (4 * 4 * decoder.vocab_size + 2 * widths * context.element_size() * (buffers * s.max_length + N)
+               + 3 * 8 * s.max_length)
+    need = rows * per_row
+    if need <= _READ_FREE_FROM:
+        return
+    free = _free_memory(context.device)
+    limit = MAX_DECODE_BYTES if free is None else min(free, MAX_DECODE_BYTES)
+    if need > limit:
+        name, given = (("num_beams", s.num_beams) if s.num_beams > 1 else
+                       ("num_return_sequences", s.num_return_sequences) if s.num_return_sequences > 1 else
+                       ("max_length", s.max_length))
+        raise _bad(name, given, f"a search that fits in memory: {B} image(s) x {rows // max(B, 1):,} row(s) x "
+                   f"{s.max_length} positions need about {need / 2**30:,.1f} GiB, and {limit / 2**30:,.1f} GiB is "
+                   f"free on {context.device}", "lower num_beams, num_return_sequences or max_new_tokens, or "
+                   "decode fewer images per call")
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``, or None where that cannot be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # a container's limit (cgroup v2)
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit, used = f.read().strip(), int(g.read())
+        if limit != "max":
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def _prefill(decoder, s: GenerationSettings, prompt: Tensor, prompt_mask: Tensor | None, context: Tensor):
@@ -540,24 +639,21 @@ def _prefill(decoder, s: GenerationSettings, prompt: Tensor, prompt_mask: Tensor
     return prompt, logits, step, processors
 
 
-def _prompt(ids: Tensor | None, mask: Tensor | None, start: int, B: int, device) -> tuple[Tensor, Tensor | None]:
-    """(B, P) decoder prompt and its (B, P) mask, or None when no position is padding."""
+def _prompt(ids: Any, mask: Any, start: int, context: Tensor, vocab: int) -> tuple[Tensor, Tensor | None]:
+    """(B, P) decoder prompt and its (B, P) mask, or None when no position is padding; both checked (integer ids
+    in the vocabulary, one row per image, on the context's device)."""
+    B = context.shape[0]
     if ids is None:
         if mask is not None:
-            raise _bad("decoder_attention_mask", tuple(mask.shape), "no mask without decoder_input_ids",
+            raise _bad("decoder_attention_mask", tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__,
+                       "no mask without decoder_input_ids",
                        "pass the decoder_input_ids it belongs to, or drop it")
-        return torch.full((B, 1), start, dtype=torch.long, device=device), None
-    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.shape[0] != B:
-        raise _bad("decoder_input_ids", tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__,
-                   f"integer token ids of shape ({B}, P), one row per image", "pass a LongTensor (B, P)")
-    ids = ids.to(device=device, dtype=torch.long)
+        return torch.full((B, 1), start, dtype=torch.long, device=context.device), None
+    ids = check_token_ids("decoder_input_ids", ids, B, vocab, context)[0].long()
     if mask is not None:
-        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape):
-            raise _bad("decoder_attention_mask", tuple(mask.shape) if isinstance(mask, Tensor) else mask,
-                       f"a 0/1 tensor shaped like decoder_input_ids {tuple(ids.shape)}",
-                       "1 marks real tokens, 0 left padding")
-        mask = mask.to(device=device, dtype=torch.long)
-    if ids.shape[1] == 0 or bool((ids[:, 0] != start).all()):
+        check_mask(mask, tuple(ids.shape), context)
+        mask = mask.long()
+    if ids.shape[1] == 0 or (B > 0 and bool((ids[:, 0] != start).all())):
         # transformers: a prompt that does not start with decoder_start gets it prepended
         ids = torch.cat([ids.new_full((B, 1), start), ids], dim=1)
         if mask is not None:
