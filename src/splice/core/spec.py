@@ -296,7 +296,9 @@ def _allowed_fields(model: type[BaseModel] | None, loc: tuple) -> list[str]:
 
 
 def _fix_for(kind: str, name: str, describe: str) -> str:
-    if kind.endswith(("_type", "_parsing")) or kind in ("literal_error", "enum"):
+    if kind in ("literal_error", "enum"):
+        return f"give `{name}` one of the expected values"
+    if kind.endswith(("_type", "_parsing")):
         return f"give `{name}` a value of the expected type ({describe} lists each field)"
     if kind.startswith(("greater_than", "less_than", "multiple_of", "finite_number")):
         return f"choose a value for `{name}` within the bounds"
