@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -182,7 +183,7 @@ class ImageProcessor:
         long = int(short * max(h, w) / min(h, w))
         cap = self.size.get("longest_edge")
         if cap is not None and long > cap:  # transformers' max_size: shrink so the long side fits
-            short, long = int(cap * short / long), cap
+            short, long = max(1, int(cap * short / long)), cap
         if long > MAX_SIDE:
             raise InputError(
                 f"{_name(image)}: {w}x{h} pixels; resizing its short side to {short} would make the long side "
@@ -277,9 +278,11 @@ def load_image(path: str | Path):
                 raise Image.DecompressionBombError(f"its header declares {im.width}x{im.height} pixels")
             im.load()
             return im
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{name}: too large an image ({str(exc).rstrip('.')}; at most {MAX_IMAGE_PIXELS:,} "
-                         "pixels are read: a possible decompression bomb)\n    fix: downscale the image") from None
+    except Image.DecompressionBombError as exc:  # PIL's own (over twice its bound) or ours
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        declared = f"its header declares {int(pixels[1]):,} pixels" if pixels else str(exc)
+        raise InputError(f"{name}: too large an image ({declared}; at most {MAX_IMAGE_PIXELS:,} are read, as a "
+                         "header this large can be a decompression bomb)\n    fix: downscale the image") from None
     except InputError:
         raise
     except Exception as exc:  # PIL raises many kinds for broken files (OSError, SyntaxError, struct.error, ...)
