@@ -19,7 +19,7 @@ def spec(kind="standard", layers="all"):
 
 
 @pytest.mark.parametrize("kind", ["standard", "gated"])
-@pytest.mark.parametrize("layers,expected", [("all", [0, 1, 2, 3]), ("every-2", [0, 2]), ([1, 3], [1, 3]), ("none", [])])
+@pytest.mark.parametrize("layers,expected", [("all", [0, 1, 2, 3]), ("every-2", [0, 2]), ([1, 3], [1, 3])])
 def test_adapters_fill_only_the_listed_slots(kind, layers, expected):
     plan = splice.validate(spec(kind, layers))
     assert plan.ok, plan.summary()
@@ -28,6 +28,13 @@ def test_adapters_fill_only_the_listed_slots(kind, layers, expected):
     got = [i for i, layer in enumerate(model.decoder.layers) if layer.crossattention is not None]
     assert got == expected
     assert plan.params["cross_attention"] == sum(p.numel() for m in model.cross_attention_modules for p in m.parameters())
+
+
+@pytest.mark.parametrize("layers", ["none", []])
+def test_no_layer_with_cross_attention_is_refused(layers):
+    """A model whose text never sees the image cannot run (the decoder refuses a context it has no layer for)."""
+    plan = splice.validate(spec("standard", layers))
+    assert [p.path for p in plan.problems] == ["cross_attention.layers"] and "never sees the image" in str(plan.problems[0])
 
 
 def test_gated_at_init_leaves_the_decoder_unchanged():
