@@ -15,6 +15,11 @@ from splice.core.interfaces import HFInterop
 KINDS = ("encoder", "decoder", "adapter", "projection")
 
 
+class DuplicateNameError(PluginError):
+    """Two plugins registered one name (or alias) of one kind. Raised for the whole registry, not recorded as
+    one plugin's failure: which of the two the user meant is theirs to decide."""
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered component."""
@@ -28,6 +33,7 @@ class Entry:
     tiny: dict | None = None
     hf: HFInterop | None = None
     description: str = ""
+    dist: str = ""  # the distribution that installed the plugin ("splice" for the built-ins), when known
 
     def make_config(self, values: dict | None = None) -> BaseModel:
         return self.config_cls(**(values or {}))
@@ -59,7 +65,7 @@ class Registry:
         for name in (entry.name, *entry.aliases):
             owner = self._owner(kind, name)
             if owner is not None:
-                raise PluginError(
+                raise DuplicateNameError(
                     f"{kind} name {name!r} is registered twice: by plugin {owner.plugin!r} and by plugin "
                     f"{entry.plugin!r}\n    fix: rename one of them, or uninstall/disable one plugin "
                     f"(SPLICE_DISABLE_PLUGINS={entry.plugin})"
