@@ -8,6 +8,13 @@ Each hook receives a ``register`` callback and returns nothing::
 ``builder(config) -> nn.Module`` takes an instance of ``config_cls`` (a pydantic model); ``tiny`` is a dict of
 config values small enough for tests; ``hf`` an optional ``splice.HFInterop`` saying how to read checkpoints
 written by transformers. Built-in plugins register through these same hooks.
+
+The rules (docs/writing-a-plugin.md, "Rules and limits"): a ``register`` call with bad arguments is recorded as
+the plugin's failure and skipped; a hook that raises (``SystemExit`` included) or runs longer than
+``SPLICE_PLUGIN_TIMEOUT`` seconds is recorded; what a hook prints goes to stderr; a function marked
+``@splice.hookimpl`` under a name that is not one of the hooks below is reported, not ignored. Each registered
+builder and config class is wrapped: an exception raised inside it (other than a ``SpliceError``) becomes a
+``PluginError`` naming the component, the plugin and its distribution.
 """
 
 from __future__ import annotations
