@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from splice import hookimpl
 from splice.core.kernels import Linear, dropout
 from splice.core.interfaces import LayerSpec
+from splice.plugins._shared import bounded_real
 
 __all__ = [
     "StandardCrossAttention",
@@ -181,10 +182,13 @@ class StandardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Gate = bounded_real(-100, 100, "the gate is tanh(init_gate), already within 1e-8 of +-1 beyond +-10")
+
+
 class GatedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    init_gate: float = Field(0.0, allow_inf_nan=False, description="initial value of the scalar gate; tanh(0) = 0 keeps the LM unchanged")
+    init_gate: Gate = Field(0.0, description="initial value of the scalar gate; tanh(0) = 0 keeps the LM unchanged")
 
 
 class StandardAdapter:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from splice import hookimpl
 from splice.core.kernels import Linear
+from splice.plugins._shared import FFNWidth
 
 
 class LinearConfig(BaseModel):
@@ -22,7 +23,7 @@ class LinearConfig(BaseModel):
 
 class MLPConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    hidden: int | None = None  # default: the output width
+    hidden: FFNWidth | None = None  # default: the output width
     act: Literal["gelu", "relu", "silu"] = "gelu"
     bias: bool = True
 

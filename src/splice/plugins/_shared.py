@@ -9,27 +9,111 @@ otherwise be written once per decoder:
   layer's cross-attention keys/values, projected once per generation;
 - ``map_from_hf`` / ``map_to_hf``: a transformers state dict read or written through a table of names, shapes and
   layout ops, every shape checked;
-- ``DecoderConfig``, ``ACTIVATION_FNS`` and ``normal_init`` for the configs, MLPs and initialisation.
+- ``DecoderConfig``, ``ACTIVATION_FNS`` and ``normal_init`` for the configs, MLPs and initialisation;
+- the bounds every component Config accepts (``bounded_int``, ``bounded_real`` and the types built from them, the
+  ``MAX_*`` limits and ``check_build_memory``), shared with the vision encoders and adapters: docs/limits.md.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, ClassVar, Literal
+import math
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, model_validator
 from torch import Tensor, nn
 
-from splice.core.errors import CheckpointError, InputError
+from splice.core.errors import CheckpointError, InputError, short
 from splice.core.interfaces import DecoderOutput, LayerSpec
 
 __all__ = [
-    "DecoderConfig", "ACTIVATION_FNS", "check_heads_divide", "normal_init", "split_heads", "attention",
+    "MAX_LAYERS", "MAX_WIDTH", "MAX_FFN", "MAX_HEADS", "MAX_VOCAB", "MAX_POSITIONS", "MAX_WEIGHT", "BUILD_MEMORY_LIMIT",
+    "bounded_int", "bounded_real", "Layers", "Width", "FFNWidth", "Heads", "Vocab", "Positions", "TokenId",
+    "Probability", "Eps", "InitStd", "check_build_memory", "DecoderConfig", "ACTIVATION_FNS", "check_heads_divide", "normal_init", "split_heads", "attention",
     "cached_context_kv", "causal_mask", "NativeDecoder", "Row", "DUPLICATE", "STANDARD_ONLY", "check_shape",
     "map_from_hf", "map_to_hf",
 ]
+
+# ---- bounds: what every component Config accepts (docs/limits.md: the table, and why each number) ----------
+# Generous for released checkpoints, small enough that `splice validate` (which builds every layer, parameters
+# on the meta device, buffers real) finishes in seconds and never allocates more than BUILD_MEMORY_LIMIT.
+
+MAX_LAYERS = 128  # one stack's layers; LLaMA-3-405B has 126, GPT-2 XL 48, ViT-22B 48
+MAX_WIDTH = 16384  # hidden width; LLaMA-3-405B's 16384 is the widest released
+MAX_FFN = 65536  # MLP width; 4 x MAX_WIDTH (LLaMA-3-405B: 53248)
+MAX_HEADS = 1024  # attention heads; LLaMA-3-405B has 128
+MAX_VOCAB = 262144  # Gemma 3's 262144 is the largest released vocabulary
+MAX_POSITIONS = 131072  # LLaMA 3.1's 128K context
+MAX_WEIGHT = 2**32  # elements of one weight: each is allocated (untouched) for an instant before it moves to meta
+BUILD_MEMORY_LIMIT = 2**30  # bytes: the estimate of what building a config allocates for real (buffers, temporaries)
+
+
+def _a_number(value: Any, info: ValidationInfo) -> Any:
+    """Before pydantic's own parsing: ``True`` is not a count, and inf/nan are no size."""
+    name = info.field_name
+    if isinstance(value, bool):
+        raise ValueError(f"{name} is the boolean {value}; expected a number; fix: write {name} as a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} is {value}; expected a finite number; fix: write {name} as a finite number")
+    return value
+
+
+def _interval(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
+    return f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def _within(lo: float, hi: float, why: str, lo_open: bool = False, hi_open: bool = False) -> Callable[..., Any]:
+    span = _interval(lo, hi, lo_open, hi_open)
+
+    def check(value: Any, info: ValidationInfo) -> Any:
+        low = value > lo if lo_open else value >= lo
+        high = value < hi if hi_open else value <= hi
+        if not (low and high):
+            raise ValueError(f"{info.field_name} is outside {span} ({why}); expected a value in "
+                             f"{span}; fix: choose {info.field_name} in {span} (docs/limits.md)")
+        return value
+
+    return check
+
+
+def bounded_int(lo: int, hi: int, why: str) -> Any:
+    """An ``int`` type within ``[lo, hi]``: booleans, non-finite numbers and values outside are clean errors."""
+    return Annotated[int, BeforeValidator(_a_number), AfterValidator(_within(lo, hi, why)),
+                     Field(json_schema_extra={"minimum": lo, "maximum": hi})]
+
+
+def bounded_real(lo: float, hi: float, why: str, *, lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A finite ``float`` type within ``lo`` .. ``hi`` (each end closed unless said open)."""
+    schema = {"exclusiveMinimum" if lo_open else "minimum": lo, "exclusiveMaximum" if hi_open else "maximum": hi}
+    return Annotated[float, BeforeValidator(_a_number), AfterValidator(_within(lo, hi, why, lo_open, hi_open)),
+                     Field(allow_inf_nan=False, json_schema_extra=schema)]
+
+
+Layers = bounded_int(1, MAX_LAYERS, "validate builds every layer; 128 covers the deepest released models")
+Width = bounded_int(1, MAX_WIDTH, "LLaMA-3-405B's 16384 is the widest released")
+FFNWidth = bounded_int(1, MAX_FFN, "4 x the widest released width")
+Heads = bounded_int(1, MAX_HEADS, "released models use at most 128")
+Vocab = bounded_int(1, MAX_VOCAB, "Gemma 3's 262144 is the largest released vocabulary")
+Positions = bounded_int(1, MAX_POSITIONS, "a 128K context, LLaMA 3.1's")
+TokenId = bounded_int(0, MAX_VOCAB - 1, "an id inside the largest vocabulary")
+Probability = bounded_real(0, 1, "a dropout probability", hi_open=True)
+Eps = bounded_real(0, 1, "a normalisation epsilon", lo_open=True)
+InitStd = bounded_real(0, 1, "an initialisation standard deviation")
+
+
+def check_build_memory(estimate: int, what: str, fields: str, fix: str) -> None:
+    """A config validator's check (raises ``ValueError``): building allocates at most ``BUILD_MEMORY_LIMIT``.
+
+    ``what`` says where the bytes go, ``fields`` names the fields that size them, ``fix`` how to shrink them.
+    """
+    if estimate > BUILD_MEMORY_LIMIT:
+        raise ValueError(
+            f"building this config would allocate about {estimate / 2**30:.1f} GiB ({what}); expected at most "
+            f"{BUILD_MEMORY_LIMIT / 2**30:g} GiB, set by {fields}; fix: {fix} (docs/limits.md)"
+        )
+
 
 # ---- configs, activations, init ---------------------------------------------------------------------------
 

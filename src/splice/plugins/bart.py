@@ -19,17 +19,18 @@ rows, a fairseq leftover), and with ``scale_embedding`` the token embeddings are
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from splice import hookimpl
 from splice.core.kernels import Linear, dropout, linear
-from splice.core.errors import ConfigError, IncompatibleComponentsError, InputError, Problem
+from splice.core.errors import ConfigError, IncompatibleComponentsError, InputError, Problem, short
 from splice.core.interfaces import HFInterop
 from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
 from splice.plugins._shared import DUPLICATE, DecoderConfig, Row, check_shape, map_from_hf, map_to_hf
+from splice.plugins._shared import FFNWidth, Heads, InitStd, Layers, Positions, Probability, TokenId, Vocab, Width
 
 __all__ = [
     "BartConfig", "BartDecoder", "BartDecoderLayer", "BartSelfAttention", "BartCrossAttention", "build_bart",
@@ -54,26 +55,34 @@ class BartConfig(DecoderConfig):
     Only the decoder is built, so a transformers config's ``encoder_*`` keys are not read (``config_to_hf`` mirrors
     the decoder's into them)."""
 
-    vocab_size: int = Field(50265, gt=0)
-    max_position_embeddings: int = Field(1024, gt=0, description="longest sequence (past + new tokens)")
-    d_model: int = Field(1024, gt=0, description="hidden width D, also the cross-attention context width")
-    decoder_layers: int = Field(12, gt=0)
-    decoder_attention_heads: int = Field(16, gt=0)
-    decoder_ffn_dim: int = Field(4096, gt=0)
+    vocab_size: Vocab = 50265
+    max_position_embeddings: Positions = Field(1024, description="longest sequence (past + new tokens)")
+    d_model: Width = Field(1024, description="hidden width D, also the cross-attention context width")
+    decoder_layers: Layers = 12
+    decoder_attention_heads: Heads = 16
+    decoder_ffn_dim: FFNWidth = 4096
     activation_function: Activation = "gelu"
     scale_embedding: bool = Field(False, description="multiply token embeddings by sqrt(d_model)")
-    dropout: float = Field(0.1, ge=0, lt=1)
-    attention_dropout: float = Field(0.0, ge=0, lt=1)
-    activation_dropout: float = Field(0.0, ge=0, lt=1)
-    decoder_layerdrop: float = Field(0.0, ge=0, lt=1)
-    init_std: float = Field(0.02, ge=0)
+    dropout: Probability = 0.1
+    attention_dropout: Probability = 0.0
+    activation_dropout: Probability = 0.0
+    decoder_layerdrop: Probability = 0.0
+    init_std: InitStd = 0.02
     tie_word_embeddings: bool = True
-    pad_token_id: int | None = Field(1, ge=0)
-    bos_token_id: int | None = Field(0, ge=0)
-    eos_token_id: int | list[int] | None = 2
-    decoder_start_token_id: int | None = Field(2, ge=0)
+    pad_token_id: TokenId | None = 1
+    bos_token_id: TokenId | None = 0
+    eos_token_id: int | Annotated[list[int], Field(min_length=1, max_length=64)] | None = 2  # ids: _check
+    decoder_start_token_id: TokenId | None = 2
 
     width_and_heads = ("d_model", "decoder_attention_heads")
+
+    @field_validator("eos_token_id", mode="before")
+    @classmethod
+    def _ids_not_booleans(cls, v: Any) -> Any:
+        if isinstance(v, bool) or isinstance(v, list) and any(isinstance(i, bool) for i in v):
+            raise ValueError("eos_token_id holds a boolean; expected a token id or a list of them; fix: write the "
+                             "id as a number")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "BartConfig":
@@ -83,7 +92,7 @@ class BartConfig(DecoderConfig):
             bad = [i for i in ids if i is not None and not 0 <= i < self.vocab_size]
             if bad:
                 raise ValueError(
-                    f"{name}={getattr(self, name)!r} is outside the vocabulary; expected ids in "
+                    f"{name}={short(getattr(self, name))} is outside the vocabulary; expected ids in "
                     f"[0, {self.vocab_size - 1}] (vocab_size={self.vocab_size}); fix: set {name} to an id of the "
                     f"tokenizer, or grow vocab_size"
                 )

@@ -41,6 +41,8 @@ from splice.core.errors import ConfigError, Problem
 from splice.core.interfaces import HFInterop
 from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
 from splice.plugins._shared import DUPLICATE, STANDARD_ONLY, DecoderConfig, Row, map_from_hf, map_to_hf
+from splice.plugins._shared import Eps, FFNWidth, Heads, InitStd, Layers, Positions, Probability, TokenId, Vocab, Width
+from splice.plugins._shared import bounded_int
 
 __all__ = [
     "BertConfig", "BertDecoder", "BertEmbeddings", "BertSelfAttention", "BertMLP", "BertLayer", "BertLMHead",
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 Activation = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"]
+TokenTypes = bounded_int(1, 1024, "BERT has 2 token types; no released model has more than 16")
 ACTIVATIONS: tuple[str, ...] = Activation.__args__
 
 TINY: dict[str, Any] = dict(
@@ -62,19 +65,19 @@ TINY: dict[str, Any] = dict(
 class BertConfig(DecoderConfig):
     """BERT's hyper-parameters, named and defaulted as in transformers' ``BertConfig``."""
 
-    vocab_size: int = Field(30522, gt=0)
-    hidden_size: int = Field(768, gt=0, description="hidden width D")
-    num_hidden_layers: int = Field(12, gt=0)
-    num_attention_heads: int = Field(12, gt=0)
-    intermediate_size: int = Field(3072, gt=0, description="MLP width I")
+    vocab_size: Vocab = 30522
+    hidden_size: Width = Field(768, description="hidden width D")
+    num_hidden_layers: Layers = 12
+    num_attention_heads: Heads = 12
+    intermediate_size: FFNWidth = Field(3072, description="MLP width I")
     hidden_act: Activation = "gelu"
-    hidden_dropout_prob: float = Field(0.1, ge=0, lt=1)
-    attention_probs_dropout_prob: float = Field(0.1, ge=0, lt=1)
-    max_position_embeddings: int = Field(512, gt=0, description="rows of the learned position table")
-    type_vocab_size: int = Field(2, gt=0, description="token types; a decoder always uses type 0")
-    initializer_range: float = Field(0.02, ge=0)
-    layer_norm_eps: float = Field(1e-12, gt=0)
-    pad_token_id: int = Field(0, ge=0)
+    hidden_dropout_prob: Probability = 0.1
+    attention_probs_dropout_prob: Probability = 0.1
+    max_position_embeddings: Positions = Field(512, description="rows of the learned position table")
+    type_vocab_size: TokenTypes = Field(2, description="token types; a decoder always uses type 0")
+    initializer_range: InitStd = 0.02
+    layer_norm_eps: Eps = 1e-12
+    pad_token_id: TokenId = 0
     tie_word_embeddings: bool = True
 
     width_and_heads = ("hidden_size", "num_attention_heads")

@@ -27,6 +27,7 @@ from splice.core.errors import ConfigError, Problem
 from splice.core.interfaces import HFInterop
 from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init
 from splice.plugins._shared import DUPLICATE, STANDARD_ONLY, DecoderConfig, Row, map_from_hf, map_to_hf
+from splice.plugins._shared import Eps, FFNWidth, Heads, InitStd, Layers, Positions, Probability, Vocab, Width
 
 __all__ = [
     "GPT2Config", "GPT2Decoder", "GPT2Block", "GPT2Attention", "GPT2MLP", "build_gpt2", "config_from_hf",
@@ -45,18 +46,18 @@ TINY: dict[str, Any] = dict(vocab_size=99, n_positions=64, n_embd=32, n_layer=2,
 class GPT2Config(DecoderConfig):
     """GPT2's hyper-parameters, named and defaulted as in transformers' ``GPT2Config``."""
 
-    vocab_size: int = Field(50257, gt=0)
-    n_positions: int = Field(1024, gt=0, description="longest sequence (past + new tokens) the model can read")
-    n_embd: int = Field(768, gt=0, description="hidden width D")
-    n_layer: int = Field(12, gt=0)
-    n_head: int = Field(12, gt=0)
-    n_inner: int | None = Field(None, gt=0, description="MLP width; None = 4 * n_embd")
+    vocab_size: Vocab = 50257
+    n_positions: Positions = Field(1024, description="longest sequence (past + new tokens) the model can read")
+    n_embd: Width = Field(768, description="hidden width D")
+    n_layer: Layers = 12
+    n_head: Heads = 12
+    n_inner: FFNWidth | None = Field(None, description="MLP width; None = 4 * n_embd")
     activation_function: Activation = "gelu_new"
-    layer_norm_epsilon: float = Field(1e-5, gt=0)
-    resid_pdrop: float = Field(0.1, ge=0, lt=1)
-    embd_pdrop: float = Field(0.1, ge=0, lt=1)
-    attn_pdrop: float = Field(0.1, ge=0, lt=1)
-    initializer_range: float = Field(0.02, ge=0)
+    layer_norm_epsilon: Eps = 1e-5
+    resid_pdrop: Probability = 0.1
+    embd_pdrop: Probability = 0.1
+    attn_pdrop: Probability = 0.1
+    initializer_range: InitStd = 0.02
     tie_word_embeddings: bool = True
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False

@@ -22,7 +22,8 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from splice import hookimpl
-from splice.plugins.bert import BertConfig, BertDecoder, HFLayout
+from splice.plugins._shared import Eps, Positions, TokenId, Vocab
+from splice.plugins.bert import BertConfig, BertDecoder, HFLayout, TokenTypes
 
 __all__ = ["RobertaConfig", "RobertaDecoder", "build_roberta", "config_from_hf", "config_to_hf", "state_dict_from_hf",
            "state_dict_to_hf", "HF", "TINY"]
@@ -36,12 +37,12 @@ TINY: dict[str, Any] = dict(
 class RobertaConfig(BertConfig):
     """RoBERTa's hyper-parameters: transformers' names, ``roberta-base`` defaults."""
 
-    vocab_size: int = Field(50265, gt=0)
-    max_position_embeddings: int = Field(514, gt=0, description="rows of the position table; pad + 1 are never "
+    vocab_size: Vocab = 50265
+    max_position_embeddings: Positions = Field(514, description="rows of the position table; pad + 1 are never "
                                          "used by real tokens, so max_position_embeddings - pad - 1 tokens fit")
-    type_vocab_size: int = Field(1, gt=0, description="token types; a decoder always uses type 0")
-    layer_norm_eps: float = Field(1e-5, gt=0)
-    pad_token_id: int = Field(1, ge=0)
+    type_vocab_size: TokenTypes = Field(1, description="token types; a decoder always uses type 0")
+    layer_norm_eps: Eps = 1e-5
+    pad_token_id: TokenId = 1
 
     @model_validator(mode="after")
     def _positions_fit(self) -> "RobertaConfig":

@@ -10,28 +10,24 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import re
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import timm
 import torch
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeFloat,
-    PositiveFloat,
-    PositiveInt,
-    ValidationInfo,
-    field_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from splice import HFInterop, hookimpl
-from splice.core.errors import CheckpointError, ConfigError, InputError, Problem
+from splice.core.errors import CheckpointError, ConfigError, InputError, Problem, short
 from splice.core.interfaces import EncoderOutput, Preprocessing
 from splice.core.kernels import use_fast_linear
+from splice.plugins._shared import (
+    MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_WEIGHT, MAX_WIDTH, Eps, Heads, Layers, Width,
+    bounded_int, bounded_real, check_build_memory,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The module
@@ -178,26 +174,78 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _Patches(_Strict):
-    """The fields every patch-embedding family (ViT-like and Swin) starts with: the image, its patches, the width."""
+# Bounds of the vision configs (docs/limits.md has the table and why); widths, layers, heads and the build-memory
+# limit are shared with the decoders (plugins/_shared.py).
+MAX_IMAGE = 8192  # pixels a side; Donut reads 2560 x 1920
+MAX_CHANNELS = 256  # input channels; hyperspectral imagery has about 200 bands
+MAX_TOKENS = 16384  # patches of a global-attention encoder (ViT, DeiT, BEiT); ViT-H/14 at 518 px has 1369
+MAX_PATCHES = 2**20  # patches of a windowed encoder (Swin) at its first stage; Donut's is 640 x 480
+MAX_STAGES = 8  # Swin stages; released models have 4
+# What building a buffer allocates, in copies of it: timm computes an integer index through int64 temporaries
+# (4 more copies at the peak), a float mask through two masked_fill copies.
+INDEX_COPIES = 5
+MASK_COPIES = 3
 
-    img_size: PositiveInt = 224
-    patch_size: PositiveInt = 16
-    in_chans: PositiveInt = 3
-    embed_dim: PositiveInt = 768
+ImageSize = bounded_int(1, MAX_IMAGE, "Donut reads 2560 x 1920 images")
+Channels = bounded_int(1, MAX_CHANNELS, "hyperspectral imagery has about 200 bands")
+MlpRatio = bounded_real(0, 64, "the MLP is int(width * mlp_ratio) wide; released models use 2.6 to 8", lo_open=True)
+LayerScale = bounded_real(0, 10, "released models start layer scale at 1e-6 to 1")
+
+
+class _Patches(_Strict):
+    """The fields every patch-embedding family (ViT-like and Swin) starts with: the image, its patches, the width.
+
+    ``max_tokens`` bounds the patch grid; ``check_size`` is each family's own bound on what building costs.
+    """
+
+    max_tokens: ClassVar[int] = MAX_TOKENS
+    img_size: ImageSize = 224
+    patch_size: ImageSize = 16
+    in_chans: Channels = 3
+    embed_dim: Width = 768
 
     _patch_fits = field_validator("patch_size")(_checked_against("img_size", _check_patch))
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "_Patches":
+        grid = self.img_size // self.patch_size
+        if grid * grid > self.max_tokens:
+            raise ValueError(
+                f"img_size {self.img_size} / patch_size {self.patch_size} is a {grid}x{grid} grid of "
+                f"{grid * grid:,} patches; expected at most {self.max_tokens:,}; fix: a larger patch_size or a "
+                f"smaller img_size (docs/limits.md)")
+        weight = self.embed_dim * self.in_chans * self.patch_size**2
+        if weight > MAX_WEIGHT:
+            raise ValueError(
+                f"the patch embedding (embed_dim x in_chans x patch_size^2) would hold {weight:,} weights; expected "
+                f"at most {MAX_WEIGHT:,}; fix: a smaller patch_size, in_chans or embed_dim (docs/limits.md)")
+        self.check_size()
+        return self
+
+    def check_size(self) -> None:
+        """A family's own bounds (raises ``ValueError``): its MLP width, what building it allocates."""
+
+    @staticmethod
+    def _check_mlp(width: int, mlp_ratio: float, where: str = "") -> None:
+        hidden = int(width * mlp_ratio)
+        if not 1 <= hidden <= MAX_FFN:
+            raise ValueError(
+                f"the MLP would be int({width} x mlp_ratio {mlp_ratio:g}) = {hidden:,} wide{where}; expected 1 to "
+                f"{MAX_FFN:,}; fix: choose mlp_ratio between {1 / width:.3g} and {MAX_FFN / width:g}")
 
 
 class _PatchTransformer(_Patches):
     """The fields every ViT-like family shares; defaults are ViT-B/16 at 224 px."""
 
-    depth: PositiveInt = 12
-    num_heads: PositiveInt = 12
-    mlp_ratio: PositiveFloat = 4.0
-    layer_norm_eps: PositiveFloat = 1e-6  # timm's; transformers' ViT and BEiT use 1e-12 (read from config.json)
+    depth: Layers = 12
+    num_heads: Heads = 12
+    mlp_ratio: MlpRatio = 4.0
+    layer_norm_eps: Eps = 1e-6  # timm's; transformers' ViT and BEiT use 1e-12 (read from config.json)
 
     _heads_fit = field_validator("num_heads")(_checked_against("embed_dim", _check_heads))
+
+    def check_size(self) -> None:
+        self._check_mlp(self.embed_dim, self.mlp_ratio)
 
 
 class ViTConfig(_PatchTransformer):
@@ -232,24 +280,36 @@ class DeiTDistilledConfig(ViTConfig):
 class BEiTConfig(_PatchTransformer):
     """BEiT (timm ``beit_base_patch16_224``); q and v always have biases, k never."""
 
-    init_values: NonNegativeFloat | None = 0.1  # layer scale; 0 or None: none
+    init_values: LayerScale | None = 0.1  # layer scale; 0 or None: none
     use_abs_pos_emb: bool = False
     use_rel_pos_bias: bool = True  # one table per block
     use_shared_rel_pos_bias: bool = False  # one table for all blocks
     use_mean_pooling: bool = True  # True: no final norm on the tokens (it sits after pooling, as fc_norm)
 
+    def check_size(self) -> None:
+        super().check_size()
+        # each relative position table comes with an int64 index over every pair of (patches + 1) tokens
+        tokens = (self.img_size // self.patch_size) ** 2 + 1
+        tables = self.depth * self.use_rel_pos_bias + self.use_shared_rel_pos_bias
+        check_build_memory(
+            tables * 8 * INDEX_COPIES * tokens**2, f"relative position indexes: {tables} of {tokens:,}^2 entries",
+            "img_size / patch_size, depth and use_rel_pos_bias",
+            "a larger patch_size or smaller img_size (the index grows with the 4th power of img_size / patch_size), "
+            "fewer layers, or use_shared_rel_pos_bias: true with use_rel_pos_bias: false (one table for all blocks)")
+
 
 class SwinConfig(_Patches):
     """Swin Transformer (timm ``swin_base_patch4_window7_224`` by default)."""
 
-    patch_size: PositiveInt = 4
-    embed_dim: PositiveInt = 128
-    depths: tuple[PositiveInt, ...] = Field(default=(2, 2, 18, 2), min_length=1)
-    num_heads: tuple[PositiveInt, ...] = Field(default=(4, 8, 16, 32), min_length=1)
-    window_size: PositiveInt = 7
-    mlp_ratio: PositiveFloat = 4.0
+    max_tokens: ClassVar[int] = MAX_PATCHES  # windowed attention: the patch grid may be large
+    patch_size: ImageSize = 4
+    embed_dim: Width = 128
+    depths: tuple[Layers, ...] = Field(default=(2, 2, 18, 2), min_length=1, max_length=MAX_STAGES)
+    num_heads: tuple[Heads, ...] = Field(default=(4, 8, 16, 32), min_length=1, max_length=MAX_STAGES)
+    window_size: ImageSize = 7
+    mlp_ratio: MlpRatio = 4.0
     qkv_bias: bool = True
-    layer_norm_eps: PositiveFloat = 1e-5
+    layer_norm_eps: Eps = 1e-5
 
     @field_validator("depths")
     @classmethod
@@ -296,13 +356,48 @@ class SwinConfig(_Patches):
                 )
         return v
 
+    def check_size(self) -> None:
+        stages, blocks = len(self.depths), sum(self.depths)
+        if blocks > MAX_LAYERS:
+            raise ValueError(
+                f"depths {list(self.depths)} add up to {blocks} blocks; expected at most {MAX_LAYERS} (validate "
+                f"builds every block); fix: fewer blocks per stage (docs/limits.md)")
+        last = self.embed_dim * 2 ** (stages - 1)
+        if last > MAX_WIDTH:
+            raise ValueError(
+                f"the last of {stages} stages would be embed_dim x 2^{stages - 1} = {last:,} wide; expected at most "
+                f"{MAX_WIDTH:,}; fix: a smaller embed_dim or fewer stages (docs/limits.md)")
+        self._check_mlp(self.embed_dim, self.mlp_ratio, " in the first stage")
+        self._check_mlp(last, self.mlp_ratio, " in the last stage")
+        check_build_memory(
+            self._buffer_bytes(), "relative position indexes and shifted-window attention masks",
+            "img_size / patch_size, window_size and depths",
+            "a smaller img_size or larger patch_size (the masks grow with the patch grid times window_size^2), "
+            "a smaller window_size, or fewer blocks in the first stages")
+
+    def _buffer_bytes(self) -> int:
+        """Each block has an int64 relative position index over its window's token pairs; each shifted block (every
+        second one, in a stage larger than the window) a float32 attention mask over every window's pairs."""
+        grid, total = self.img_size // self.patch_size, 0
+        for i, depth in enumerate(self.depths):
+            res = grid // 2**i
+            window = min(res, self.window_size)  # a stage no larger than the window is one window
+            total += depth * 8 * INDEX_COPIES * window**4
+            if res > self.window_size:
+                total += depth // 2 * 4 * MASK_COPIES * res**2 * window**2
+        return total
+
 
 class TimmConfig(_Strict):
-    """Any timm architecture whose ``forward_features`` gives tokens or a feature map."""
+    """Any timm architecture whose ``forward_features`` gives tokens or a feature map.
 
-    model: str = Field(min_length=1)
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to timm.create_model
-    img_size: PositiveInt | None = None  # None: the architecture's default; convnets take any size
+    Its numbers are bounded here, key by key (``TIMM_KWARGS``); what they build depends on the architecture, so the
+    builder first builds it on the meta device and checks its buffers and largest weight (``_check_probe``).
+    """
+
+    model: str = Field(min_length=1, max_length=200)
+    kwargs: dict[str, Any] = Field(default_factory=dict, max_length=64)  # passed to timm.create_model
+    img_size: ImageSize | None = None  # None: the architecture's default; convnets take any size
 
     @field_validator("model")
     @classmethod
@@ -310,7 +405,7 @@ class TimmConfig(_Strict):
         if not timm.is_model(v):
             close = difflib.get_close_matches(v, timm.list_models(), n=3, cutoff=0.6)
             raise ValueError(
-                f"timm has no architecture {v!r}; expected a name from timm.list_models()"
+                f"timm has no architecture {short(v)}; expected a name from timm.list_models()"
                 + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
                 + "; fix: check the spelling, or upgrade timm"
             )
@@ -329,43 +424,74 @@ class TimmConfig(_Strict):
             if key not in TIMM_KWARGS:
                 close = difflib.get_close_matches(str(key), sorted(TIMM_KWARGS), n=1, cutoff=0.6)
                 raise ValueError(
-                    f"kwargs.{str(key)[:60]} is not an architecture option splice passes to timm (files, pretrained "
+                    f"kwargs.{short(key, 60)} is not an architecture option splice passes to timm (files, pretrained "
                     "overlays, feature extraction and layer factories are never taken from a spec); expected one "
                     f"of {', '.join(sorted(TIMM_KWARGS))}; fix: "
                     + (f"did you mean {close[0]!r}?" if close else "remove it"))
-            choices = TIMM_KWARGS[key]
-            if not (value in choices if isinstance(value, str) else _plain(value)):
-                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-                raise ValueError(
-                    f"kwargs.{key} is {shown}; expected "
-                    + (f"one of {sorted(choices)} or a number" if choices else "a number, a boolean or a list of them")
-                    + f"; fix: give `{key}` a plain value")
+            expected = _kwarg_expected(key, value)
+            if expected:
+                raise ValueError(f"kwargs.{key} is {short(value, 60)}; expected {expected}; fix: give `{key}` such a "
+                                 "value (docs/limits.md)")
         return v
 
 
-def _plain(value: Any) -> bool:
-    """A number, a boolean, or a (nested, short) list of them: what an architecture option is."""
-    if isinstance(value, (bool, int, float)):
-        return True
-    return isinstance(value, (list, tuple)) and len(value) <= 64 and all(_plain(x) for x in value)
-
-
-# What a spec may pass to timm.create_model: architecture options with plain values. Strings only where a key
-# takes a word, and then only the listed words. Nothing names a file, a pretrained config or a class to build.
-TIMM_KWARGS: dict[str, frozenset[str]] = {
-    **dict.fromkeys((
-        "depth", "depths", "embed_dim", "embed_dims", "dims", "widths", "layers", "num_heads", "mlp_ratio",
-        "mlp_ratios", "qkv_bias", "qk_norm", "in_chans", "patch_size", "window_size", "drop_rate",
-        "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate", "patch_drop_rate", "init_values",
-        "class_token", "no_embed_class", "reg_tokens", "pre_norm", "final_norm", "fc_norm", "dynamic_img_size",
-        "dynamic_img_pad", "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias",
-        "layer_scale_init_value", "ls_init_value", "output_stride", "stem_width", "kernel_sizes", "conv_mlp",
-        "use_grn", "head_hidden_size", "num_features", "channels", "width_multiplier", "stem_chs",
-        "conv_bias", "use_pos_emb", "strict_img_size",
-    ), frozenset()),
+# What a spec may pass to timm.create_model: architecture options with plain values, each key's numbers within a
+# bound (lo, hi, integers only), its flag a boolean, or its word one of a few. Nothing names a file, a pretrained
+# config or a class to build.
+_FLAG = "a boolean"
+_LAYER_KEYS = ("depth", "depths", "layers")
+TIMM_KWARGS: dict[str, tuple[float, float, bool] | frozenset[str] | str] = {
+    **dict.fromkeys(_LAYER_KEYS, (0, MAX_LAYERS, True)),
+    **dict.fromkeys(("embed_dim", "embed_dims", "dims", "widths", "num_features", "head_hidden_size", "stem_width",
+                     "stem_chs", "channels"), (1, MAX_WIDTH, True)),
+    "num_heads": (1, MAX_HEADS, True),
+    "in_chans": (1, MAX_CHANNELS, True),
+    **dict.fromkeys(("patch_size", "window_size", "kernel_sizes", "output_stride"), (1, MAX_IMAGE, True)),
+    "reg_tokens": (0, 1024, True),
+    **dict.fromkeys(("mlp_ratio", "mlp_ratios", "width_multiplier"), (0.01, 64, False)),
+    **dict.fromkeys(("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate",
+                     "patch_drop_rate"), (0, 1, False)),
+    **dict.fromkeys(("init_values", "layer_scale_init_value", "ls_init_value"), (0, 10, False)),
+    **dict.fromkeys(("qkv_bias", "qk_norm", "class_token", "no_embed_class", "pre_norm", "final_norm", "fc_norm",
+                     "dynamic_img_size", "dynamic_img_pad", "use_abs_pos_emb", "use_rel_pos_bias",
+                     "use_shared_rel_pos_bias", "conv_mlp", "use_grn", "conv_bias", "use_pos_emb",
+                     "strict_img_size"), _FLAG),
     "global_pool": frozenset({"", "avg", "max", "avgmax", "catavgmax", "token", "map"}),
     "pos_embed": frozenset({"learn", "none", ""}),
 }
+
+
+def _kwarg_expected(key: str, value: Any) -> str | None:
+    """What ``kwargs.<key>`` takes, when ``value`` is not that; None when it is."""
+    rule = TIMM_KWARGS[key]
+    if isinstance(rule, frozenset):
+        return None if isinstance(value, str) and value in rule else f"one of {sorted(rule)}"
+    if rule == _FLAG:
+        return None if isinstance(value, bool) else "true or false"
+    lo, hi, integers = rule
+    numbers = _numbers(value)
+    fits = numbers is not None and all(
+        (isinstance(x, int) or not integers) and math.isfinite(x) and lo <= x <= hi for x in numbers)
+    if not fits:
+        return f"{'an integer' if integers else 'a number'} in [{lo:g}, {hi:g}], or a list of at most 64 of them"
+    if key in _LAYER_KEYS and sum(numbers) > MAX_LAYERS:
+        return f"layer counts adding up to at most {MAX_LAYERS} (validate builds every layer)"
+    return None
+
+
+def _numbers(value: Any, depth: int = 0) -> list[int | float] | None:
+    """The numbers of a number, or of a list of them (nested at most twice, 64 long); None for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
+    if not isinstance(value, (list, tuple)) or len(value) > 64 or depth >= 2:
+        return None
+    out: list[int | float] = []
+    for item in value:
+        numbers = _numbers(item, depth + 1)
+        if numbers is None:
+            return None
+        out += numbers
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,24 +585,49 @@ def build_swin(cfg: SwinConfig) -> TimmEncoder:
     return _wrap(model, cfg, cfg.embed_dim * 2 ** (len(cfg.depths) - 1), channels_last=True)
 
 
-def build_timm(cfg: TimmConfig) -> TimmEncoder:
-    kwargs = dict(cfg.kwargs)
+def _create_timm(cfg: TimmConfig, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model`` for the generic component; ``img_size`` only where the architecture takes it."""
     try:
         if cfg.img_size is not None:
             try:
-                model = _create(cfg.model, img_size=cfg.img_size, **kwargs)
+                return _create(cfg.model, img_size=cfg.img_size, **kwargs)
             except TypeError as e:
                 if "img_size" not in str(e):
                     raise
-                model = _create(cfg.model, **kwargs)  # a convnet: it takes any image size
-        else:
-            model = _create(cfg.model, **kwargs)
-    except (TypeError, ValueError, AssertionError, IndexError) as e:
+        return _create(cfg.model, **kwargs)  # a convnet: it takes any image size
+    except Exception as e:  # noqa: BLE001 - timm checks its arguments with asserts, TypeErrors, ZeroDivision...
         raise ConfigError(
-            [Problem("kwargs", f"timm.create_model({cfg.model!r}) rejected them: {e}", given=kwargs,
-                     expected=f"arguments that timm's {cfg.model} accepts",
+            [Problem("encoder.config.kwargs" if kwargs else "encoder.config.img_size",
+                     f"timm.create_model({cfg.model!r}) rejected them: {type(e).__name__}: {short(str(e), 300)}",
+                     given=kwargs or cfg.img_size, expected=f"arguments that timm's {cfg.model} accepts",
                      fix=f"check the signature of the {cfg.model} model class in timm")]
         ) from e
+
+
+def _check_probe(cfg: TimmConfig, kwargs: dict[str, Any]) -> None:
+    """Build the architecture on the meta device (nothing is allocated) and refuse it when building it for real
+    would allocate more than ``BUILD_MEMORY_LIMIT`` for its buffers, or hold a weight over ``MAX_WEIGHT``."""
+    with torch.device("meta"):
+        probe = _create_timm(cfg, kwargs)
+    estimate = sum(b.numel() * b.element_size() * (MASK_COPIES if b.is_floating_point() else INDEX_COPIES)
+                   for b in probe.buffers())
+    largest = max((p.numel() for p in probe.parameters()), default=0)
+    path = "encoder.config." + ("img_size" if cfg.img_size is not None and not kwargs else "kwargs")
+    try:
+        check_build_memory(estimate, f"the buffers of timm's {cfg.model}", "img_size and kwargs",
+                           "a smaller img_size or window, fewer layers, or another architecture")
+        if largest > MAX_WEIGHT:
+            raise ValueError(f"timm's {cfg.model} would hold a weight of {largest:,} elements; expected at most "
+                             f"{MAX_WEIGHT:,}; fix: smaller widths, kernels or patches in kwargs (docs/limits.md)")
+    except ValueError as e:
+        raise ConfigError([Problem(path, str(e), given=kwargs or cfg.img_size)]) from None
+
+
+def build_timm(cfg: TimmConfig) -> TimmEncoder:
+    kwargs = dict(cfg.kwargs)
+    if cfg.img_size is not None or kwargs:  # an architecture's own defaults are sizes timm released
+        _check_probe(cfg, kwargs)
+    model = _create_timm(cfg, kwargs)
     patch_embed = getattr(model, "patch_embed", None)
     # Transformers fix their positions at construction; convnets (no patch_embed) accept any size.
     fixed = patch_embed is not None and getattr(patch_embed, "strict_img_size", True)
