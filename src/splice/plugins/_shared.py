@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, model_validator
 from torch import Tensor, nn
 
-from splice.core.errors import CheckpointError, InputError, short
+from splice.core.errors import CheckpointError, InputError
 from splice.core.interfaces import DecoderOutput, LayerSpec
 
 __all__ = [
