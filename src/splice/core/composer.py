@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from splice.core.errors import Problem, Shown, SpliceError, clip, error_for, short, unknown_problem
+from splice.core.errors import Problem, Shown, SpliceError, clip, error_for, unknown_problem
 from splice.core.models import EncoderDecoderModel
 from splice.core.plugins import get_registry
 from splice.core.registry import Entry, Registry
@@ -411,6 +411,38 @@ def _decide(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> None:
     else:
         plan.projection, plan.projection_reason = spec.projection_kind, "requested"
 
+    _decide_layers(plan, decoder)
+
+    vocab = getattr(decoder, "vocab_size", None)
+    for name, value in spec.tokens.model_dump().items():
+        if value is not None and vocab is not None and value >= vocab:
+            problems.append(
+                Problem(
+                    f"tokens.{name}",
+                    f"token id {value} is outside the decoder's vocabulary",
+                    given=value,
+                    expected=f"an id in 0..{vocab - 1} (decoder {dec.family!r} vocab_size {vocab})",
+                    fix=f"use an id below {vocab}, or enlarge the decoder's vocabulary",
+                    error="incompatible",
+                )
+            )
+    max_pos = getattr(decoder, "max_positions", None)
+    if spec.max_length is not None and max_pos is not None and spec.max_length > max_pos:
+        problems.append(
+            Problem(
+                "max_length",
+                f"max_length {spec.max_length} exceeds the decoder's {max_pos} positions",
+                given=spec.max_length,
+                expected=f"at most {max_pos}",
+                fix="lower max_length, or raise the decoder's position count",
+                error="incompatible",
+            )
+        )
+
+
+def _decide_layers(plan: Plan, decoder: nn.Module) -> None:
+    """Which decoder layers get cross-attention, and whether their heads fit."""
+    spec, problems, dec = plan.spec, plan.problems, plan.decoder
     layer_specs = list(decoder.layer_specs())
     plan.decoder_layers = len(layer_specs)
     if getattr(decoder, "native_cross_attention", False):
@@ -442,32 +474,6 @@ def _decide(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> None:
                     Problem("decoder.config", f"layer {s.index}: {s.heads} heads do not divide width {s.width}",
                             fix="choose a head count that divides the width", error="incompatible")
                 )
-
-    vocab = getattr(decoder, "vocab_size", None)
-    for name, value in spec.tokens.model_dump().items():
-        if value is not None and vocab is not None and value >= vocab:
-            problems.append(
-                Problem(
-                    f"tokens.{name}",
-                    f"token id {value} is outside the decoder's vocabulary",
-                    given=value,
-                    expected=f"an id in 0..{vocab - 1} (decoder {dec.family!r} vocab_size {vocab})",
-                    fix=f"use an id below {vocab}, or enlarge the decoder's vocabulary",
-                    error="incompatible",
-                )
-            )
-    max_pos = getattr(decoder, "max_positions", None)
-    if spec.max_length is not None and max_pos is not None and spec.max_length > max_pos:
-        problems.append(
-            Problem(
-                "max_length",
-                f"max_length {spec.max_length} exceeds the decoder's {max_pos} positions",
-                given=spec.max_length,
-                expected=f"at most {max_pos}",
-                fix="lower max_length, or raise the decoder's position count",
-                error="incompatible",
-            )
-        )
 
 
 def _join(plan: Plan, encoder: nn.Module, decoder: nn.Module) -> EncoderDecoderModel | None:
