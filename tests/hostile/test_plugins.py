@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import splice
-from splice.core.errors import ConfigError, PluginError, SpliceError
+from splice.core.errors import ConfigError, PluginError
 from splice.core.plugins import build_registry, get_registry, plugin_failures
 from splice.core.registry import DuplicateNameError
 
