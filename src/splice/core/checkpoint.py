@@ -8,8 +8,10 @@ files are written to a temp folder beside the target, which then replaces the ta
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -17,7 +19,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from splice.core.errors import CheckpointError
+from splice.core.errors import CheckpointError, Problem, short
 from splice.core.files import describe_files, inside, verify_files, write_folder
 from splice.core.processing import ImageProcessor
 
@@ -26,6 +28,7 @@ WEIGHTS = "model.safetensors"
 GENERATION = "generation.json"  # generation defaults (max_length, num_beams, ...) saved with the model
 FORMAT_VERSION = 2  # 2: splice.json records each file's size and SHA-256
 READABLE_VERSIONS = (1, 2)
+_INT64 = 1 << 63  # integers in headers and metadata fit 64 bits
 
 
 @dataclass
@@ -57,8 +60,19 @@ class LoadReport:
 
     def listing(self, *fields: str) -> str:
         """``  missing (N): a, b`` lines for the named fields that are not empty (for error messages)."""
-        return "".join(f"  {f} ({len(getattr(self, f))}): {', '.join(getattr(self, f)[:20])}\n"
+        return "".join(f"  {f} ({len(getattr(self, f))}): {shown_names(getattr(self, f), 20)}\n"
                        for f in fields if getattr(self, f))
+
+
+def clip_name(name: str) -> str:
+    """A tensor name for a message: names come from files, and a corrupted header can hold any string."""
+    return name if len(name) <= 120 else name[:100] + f"... ({len(name):,} characters)"
+
+
+def shown_names(names: list[str], limit: int) -> str:
+    """At most ``limit`` names, clipped, and how many more there are."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(clip_name(n) for n in names[:limit]) + more
 
 
 def map_from_hf(interop, tensors, hf_config: dict) -> tuple[dict, list[str], list[str]]:
@@ -127,47 +141,79 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+_ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in _DTYPES.items()}
+
+
+HEADER_LIMIT = 100_000_000  # bytes: safetensors' own bound on a header
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header (name -> dtype, shape, offsets) and where its data starts, checked against
-    the file's size so a truncated or corrupted file is reported with the tensor it breaks."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found\n    fix: check the checkpoint folder")
-    size = path.stat().st_size
+    """A safetensors file's header (name -> dtype, shape, offsets) and where its data starts. Every entry is
+    checked, and against the file's size, before any tensor is read: a truncated or corrupted file is reported
+    with the tensor it breaks, and a header claiming more bytes than the file holds allocates nothing."""
     bad = "\n    fix: the file is truncated or corrupted; save or download it again"
+    if not path.is_file():
+        what = "file not found" if not path.exists() and not path.is_symlink() else "not a regular file"
+        raise CheckpointError(f"{path}: {what}\n    fix: check the checkpoint folder")
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise CheckpointError(f"{path}: not a readable safetensors file (only {size} bytes){bad}")
         n = int.from_bytes(raw, "little")
-        if n > size - 8 or n > 100_000_000:
+        if n > size - 8 or n > HEADER_LIMIT:
             raise CheckpointError(f"{path}: not a readable safetensors file (header length {n} > file size {size}){bad}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file (header is not JSON: {exc}){bad}") from None
+        text = f.read(n)
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: not a readable safetensors file (header is not JSON: "
+                              f"{short(str(exc), 160)}){bad}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a readable safetensors file (header is not a mapping){bad}")
-    start = 8 + n
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: its __metadata__ is not a mapping of strings (given {short(meta)}){bad}")
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            dtype = _DTYPES[info["dtype"]]
-            count = 1
-            for d in info["shape"]:
-                count *= d
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}{bad}") from None
-        if end - begin != count * torch.empty(0, dtype=dtype).element_size():
-            raise CheckpointError(f"{path}: tensor {name!r}: its byte range does not match shape {info['shape']}{bad}")
-        if start + end > size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} ends at byte {start + end} but the file has {size} bytes{bad}"
-            )
-    return header, start
+        if name != "__metadata__":
+            _check_entry(path, name, info, 8 + n, size, bad)
+    return header, 8 + n
+
+
+def _check_entry(path: Path, name: str, info: object, start: int, size: int, bad: str) -> None:
+    """One tensor's header entry: a known dtype, a shape of non-negative ints, and a byte range that matches the
+    shape and lies inside the file."""
+    def is_count(x: object) -> bool:
+        return type(x) is int and 0 <= x < _INT64
+
+    expected = {
+        "dtype": f"one of {', '.join(_DTYPES)}",
+        "shape": "a list of sizes (integers >= 0)",
+        "data_offsets": "[begin, end], two integers with begin <= end",
+    }
+    if not isinstance(info, dict):
+        wrong = "entry"
+    elif not (isinstance(info.get("dtype"), str) and info["dtype"] in _DTYPES):
+        wrong = "dtype"
+    elif not (isinstance(info.get("shape"), list) and all(is_count(d) for d in info["shape"])):
+        wrong = "shape"
+    else:
+        offsets = info.get("data_offsets")
+        ok = (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))
+              and offsets[0] <= offsets[1])
+        wrong = None if ok else "data_offsets"
+    if wrong:
+        given = info if wrong == "entry" else info.get(wrong)
+        want = "{dtype, shape, data_offsets}" if wrong == "entry" else expected[wrong]
+        raise CheckpointError(f"{path}: tensor {short(name)}: the header's {wrong} is {short(given)}\n"
+                              f"    expected: {want}{bad}")
+    begin, end = info["data_offsets"]
+    if end - begin != math.prod(info["shape"]) * _ITEMSIZE[info["dtype"]]:
+        raise CheckpointError(f"{path}: tensor {short(name)}: its byte range does not match shape "
+                              f"{short(info['shape'])}{bad}")
+    if start + end > size:
+        raise CheckpointError(f"{path}: tensor {short(name)} ends at byte {start + end} but the file has {size} "
+                              f"bytes{bad}")
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -180,7 +226,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(header.get("__metadata__") or {})
     except Exception as exc:  # safetensors' own errors for what the header check let through
         raise CheckpointError(
-            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})\n"
+            f"{path}: not a readable safetensors file ({type(exc).__name__}: {short(str(exc), 300)})\n"
             "    fix: the file is truncated or corrupted; save or download it again"
         ) from None
 
@@ -241,44 +287,66 @@ class LazyTensors(Mapping):
         return len(self._where)
 
 
+WEIGHT_FILES = (WEIGHTS, "model.safetensors.index.json", "pytorch_model.bin")  # in the order they are looked for
+
+
+def weights_file(folder: Path) -> Path:
+    """The file a folder's weights are read from: model.safetensors, a shard index, or pytorch_model.bin."""
+    for name in WEIGHT_FILES:
+        if (folder / name).exists() or (folder / name).is_symlink():
+            return folder / name
+    raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(WEIGHT_FILES)})\n"
+                          "    fix: copy or download the whole folder")
+
+
 def lazy_weights(folder: Path) -> Mapping[str, Tensor]:
     """A folder's safetensors weights (single file or shards) as ``LazyTensors``; a 4.x ``pytorch_model.bin`` is
     read eagerly (with ``weights_only=True``: never plain pickle)."""
-    index = folder / "model.safetensors.index.json"
-    if (folder / WEIGHTS).is_file():
-        return LazyTensors([folder / WEIGHTS])
-    if index.is_file():
-        data = read_json(index)
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no `weight_map` mapping of tensor names to shard files\n"
-                                  "    fix: download the whole checkpoint again")
-        shards = sorted(set(weight_map.values()), key=str)
-        for shard in shards:  # every shard is a file of this folder, never a path elsewhere
-            inside(folder, shard, what=f"{index}: weight_map")
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise CheckpointError(f"{index}: shard(s) {', '.join(missing)} are missing from {folder}\n"
-                                  "    fix: download the whole checkpoint again")
-        lazy = LazyTensors([folder / s for s in shards])
-        absent = sorted(set(weight_map) - set(lazy))
-        if absent:
-            raise CheckpointError(f"{index}: tensors listed in the index are not in their shards: {', '.join(absent[:10])}")
-        return lazy
-    binary = folder / "pytorch_model.bin"
-    if binary.is_file():
+    path = weights_file(folder)
+    if path.name == WEIGHTS:
+        return LazyTensors([path])
+    return _sharded(folder, path) if path.name.endswith(".index.json") else _read_bin(path)
+
+
+def _sharded(folder: Path, index: Path) -> "LazyTensors":
+    weight_map = read_json_mapping(index, what="a mapping with a `weight_map`").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise field_error(index, "weight_map", "not a mapping of tensor names to shard files", given=weight_map,
+                          expected="{tensor name: shard file name}", fix="download the whole checkpoint again")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:  # every shard is a file of this folder, never a path elsewhere
+        inside(folder, shard, what=f"{index}: weight_map")
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: shard(s) {shown_names(missing, 5)} are missing from {folder}\n"
+                              "    fix: download the whole checkpoint again")
+    lazy = LazyTensors([folder / s for s in shards])
+    absent = sorted(set(weight_map) - set(lazy))
+    if absent:
+        raise CheckpointError(f"{index}: tensors listed in the index are not in their shards: "
+                              f"{shown_names(absent, 10)}\n    fix: download the whole checkpoint again")
+    return lazy
+
+
+def _read_bin(binary: Path) -> dict[str, Tensor]:
+    """A ``pytorch_model.bin``, read with ``weights_only=True``: it must hold a mapping of names to tensors."""
+    if not binary.is_file():
+        raise CheckpointError(f"{binary}: not a regular file\n    fix: copy or download the whole folder")
+    try:
         try:
-            try:
-                return torch.load(binary, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):  # legacy (pre-zip) files cannot be memory-mapped: read them whole
-                    raise
-                return torch.load(binary, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{binary}: cannot read it safely ({exc})\n    fix: convert it to safetensors") from None
-    raise CheckpointError(
-        f"{folder}: no weights found (looked for {WEIGHTS}, model.safetensors.index.json, pytorch_model.bin)"
-    )
+            data = torch.load(binary, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # legacy (pre-zip) files cannot be memory-mapped: read them whole
+                raise
+            data = torch.load(binary, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{binary}: cannot read it safely ({type(exc).__name__}: {short(str(exc), 300)})\n"
+                              "    fix: convert it to safetensors, or download it again") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in data.items()):
+        raise CheckpointError(f"{binary}: holds {type(data).__name__} {short(data)}, not a state dict\n"
+                              "    expected: a mapping of tensor names to tensors\n"
+                              "    fix: save the model's state_dict(), or convert it to safetensors")
+    return data
 
 
 def read_weights(folder: Path) -> dict[str, Tensor]:
@@ -290,27 +358,30 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
 
 
 def assign_weights(model, state: dict[str, Tensor], *, source: str, strict: bool = True, dtype: torch.dtype | None = None,
-                   unused: Iterable[str] = (), expected_new: Iterable[str] = (), fresh=None) -> LoadReport:
+                   unused: Iterable[str] = (), expected_new: Iterable[str] = (), fresh=None,
+                   config: str = "the config") -> LoadReport:
     """Assign tensors into a (meta-built) model by name, checking every shape; report what happened.
+
+    ``config`` names the file the model was built from, for the fix of a mismatch.
 
     ``expected_new`` names weights the file is not meant to have (new cross-attention); they, and with
     ``strict=False`` any other missing weight, are taken from ``fresh()`` (a randomly initialised model).
     """
     report = LoadReport(source=source, unused=sorted(unused))
     expected = model.state_dict()
-    mismatched = [
-        f"{name}: file {tuple(t.shape)}, model {tuple(expected[name].shape)}"
-        for name, t in state.items()
+    mismatched = [  # the shallowest names first: the embeddings say most about a wrong size
+        f"{clip_name(name)}: file {tuple(t.shape)}, model {tuple(expected[name].shape)}"
+        for name, t in sorted(state.items(), key=lambda item: (item[0].count("."), item[0]))
         if name in expected and tuple(expected[name].shape) != tuple(t.shape)
     ]
     if mismatched:
+        more = f"\n  ... and {len(mismatched) - 20} more" if len(mismatched) > 20 else ""
         raise CheckpointError(
             f"{source}: {len(mismatched)} tensor(s) have the wrong shape for this model:\n  "
-            + "\n  ".join(mismatched)
-            + "\n    fix: the checkpoint was made for a different configuration; check the config against the weights"
+            + "\n  ".join(mismatched[:20]) + more
+            + f"\n    fix: the checkpoint was made for a different configuration; check {config} against the weights"
         )
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = _fit_dtypes(state, expected, dtype, source, report)
     # by name, not torch's unexpected_keys: torch passes over tensors under an empty module slot (a decoder layer
     # without cross-attention), which would drop them without a word
     report.unexpected = sorted(set(state) - set(expected))
@@ -322,14 +393,14 @@ def assign_weights(model, state: dict[str, Tensor], *, source: str, strict: bool
     if strict and (report.missing or report.unexpected or report.nonfinite):
         raise CheckpointError(
             f"{source}: the weights do not match the model\n" + report.listing("missing", "unexpected", "nonfinite")
-            + "    fix: check that the folder's config and weights belong together (or load with strict=False, "
+            + f"    fix: check that {config} and the weights belong together (or load with strict=False, "
             "which reports them)"
         )
     if report.nonfinite:
         import warnings
 
         warnings.warn(f"{source}: {len(report.nonfinite)} weight(s) hold NaN or Inf: "
-                      f"{', '.join(report.nonfinite[:10])}", stacklevel=3)
+                      f"{shown_names(report.nonfinite, 10)}", stacklevel=3)
     todo = sorted(k for k in result.missing_keys if _is_meta(model, k))
     if todo:
         assert fresh is not None, "missing weights but no way to initialise them"
@@ -342,6 +413,43 @@ def assign_weights(model, state: dict[str, Tensor], *, source: str, strict: bool
     if dtype is not None:
         model.to(dtype)
     return report
+
+
+def dtype_kind(dtype: torch.dtype) -> str:
+    return "bool" if dtype == torch.bool else "float" if dtype.is_floating_point or dtype.is_complex else "int"
+
+
+def _fit_dtypes(state: dict[str, Tensor], expected: dict[str, Tensor], dtype: torch.dtype | None, source: str,
+                report: LoadReport) -> dict[str, Tensor]:
+    """Each tensor in the dtype the model holds it in (``dtype`` for floating tensors when given), cast as
+    transformers does and noted in the report; a tensor of another kind (integers or booleans where the model
+    holds floats, or the reverse) is refused. Tensors tied to one another stay one tensor."""
+    out, cast, wrong, done = {}, {}, [], {}
+    for name, t in state.items():
+        want = expected[name].dtype if name in expected else t.dtype
+        if dtype is not None and dtype_kind(want) == "float" and dtype_kind(t.dtype) == "float":
+            want = dtype
+        if t.dtype == want:
+            out[name] = t
+        elif dtype_kind(t.dtype) != dtype_kind(want):
+            wrong.append(f"{clip_name(name)}: {str(t.dtype).removeprefix('torch.')} in the file, the model holds "
+                         f"{str(want).removeprefix('torch.')}")
+        else:
+            if id(t) not in done:
+                done[id(t)] = t.to(want)
+            out[name] = done[id(t)]
+            if dtype is None or dtype_kind(want) != "float":
+                cast.setdefault((t.dtype, want), []).append(name)
+    if wrong:
+        more = f"\n  ... and {len(wrong) - 12} more" if len(wrong) > 12 else ""
+        raise CheckpointError(f"{source}: {len(wrong)} tensor(s) hold values of the wrong kind for this model:\n  "
+                              + "\n  ".join(wrong[:12]) + more + "\n    fix: the file was changed or made for another "
+                              "model; save or download it again")
+    for (a, b), names in cast.items():
+        report.notes.append(f"cast {len(names)} tensor(s) from {str(a).removeprefix('torch.')} to "
+                            f"{str(b).removeprefix('torch.')}, the model's dtype (as transformers does): "
+                            f"{shown_names(names, 5)}")
+    return out
 
 
 def _has_nonfinite(t: Tensor) -> bool:
@@ -365,10 +473,10 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, strict: b
 
     ``verify=False`` skips the SHA-256 check of a splice folder's files (sizes are still checked)."""
     folder = resolve_folder(path, revision=revision)
-    if (folder / SPLICE_CONFIG).is_file():
+    if (folder / SPLICE_CONFIG).exists():
         return _load_splice(folder, dtype=dtype, strict=strict, verify=verify)
     config_file = folder / "config.json"
-    if config_file.is_file():
+    if config_file.exists():
         from splice.core import transformers_format
 
         return transformers_format.load_ved(folder, dtype=dtype, strict=strict)
@@ -379,12 +487,21 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, strict: b
 
 
 def resolve_folder(path: str | os.PathLike, *, revision: str | None = None) -> Path:
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str) or "\x00" in text or len(text) > 4096:
+        raise CheckpointError(f"cannot load {short(path)}: not a path\n    expected: a folder, or a hub repo id "
+                              "(owner/name)\n    fix: pass the folder that model.save_pretrained wrote")
     p = Path(path)
-    if p.is_dir():
+    try:
+        is_dir, exists = p.is_dir(), p.exists()
+    except OSError as exc:  # a name too long for the file system, a loop of links, no permission
+        raise CheckpointError(f"{short(str(path))}: cannot be used as a folder ({exc.strerror or exc})\n"
+                              "    fix: check the path") from None
+    if is_dir:
         return p
-    if p.exists():
-        raise CheckpointError(f"{p}: expected a folder, got a file\n    fix: give the folder that holds it")
-    text = str(path)
+    if exists:
+        raise CheckpointError(f"{short(str(p), 300)}: expected a folder, got a file\n"
+                              "    fix: give the folder that holds it")
     first = text.split("/")[0]
     # `owner/name` is a hub repo id unless `owner` is a local folder (then it is a missing local path)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(first).is_dir():
@@ -396,101 +513,204 @@ def resolve_folder(path: str | os.PathLike, *, revision: str | None = None) -> P
             return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
         except Exception as exc:
             raise CheckpointError(
-                f"{text!r} is not a local folder and the hub could not provide it ({type(exc).__name__}: {exc})\n"
+                f"{short(text)} is not a local folder and the hub could not provide it ({type(exc).__name__}: "
+                f"{short(str(exc), 300)})\n"
                 "    fix: check the path or repo id; offline, download it first (HF_HUB_OFFLINE=1 uses the cache)"
             ) from None
-    raise CheckpointError(f"{p}: no such folder\n    fix: check the path")
+    raise CheckpointError(f"{short(str(p), 300)}: no such folder\n    fix: check the path")
 
 
-def read_json(path: Path) -> object:
-    """A JSON file as Python data; unreadable or malformed JSON is a ``CheckpointError`` naming the file."""
+JSON_LIMIT = 64 << 20  # bytes: metadata is small; the shard index of a very large model is a few MB
+JSON_DEPTH = 64  # levels of nesting: no checkpoint's metadata comes near it
+AGAIN = "save or download the folder again"
+
+
+def field_error(path: Path | str, field: str, message: str, *, given: object = None, expected: str = "",
+                fix: str = AGAIN, cls: type = CheckpointError) -> CheckpointError:
+    """One problem with one field of a metadata file: the file is the source, the field the problem's path."""
+    return cls([Problem(field, message, given=given, expected=expected, fix=fix)], source=str(path))
+
+
+def read_json(path: Path, *, limit: int = JSON_LIMIT) -> object:
+    """A JSON file as Python data. Anything but a regular file of UTF-8 JSON, under ``limit`` bytes and
+    ``JSON_DEPTH`` levels, with finite numbers and integers that fit 64 bits, is a ``CheckpointError`` that names
+    the file (and the field)."""
+    fix = f"\n    fix: {AGAIN}"
+    if not path.is_file():
+        what = "is missing" if not path.exists() and not path.is_symlink() else "is not a regular file"
+        raise CheckpointError(f"{path}: {what}\n    expected: a JSON file{fix}")
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})\n"
-                              "    fix: save or download the folder again") from None
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc}){fix}") from None
+    if len(raw) > limit:
+        raise CheckpointError(f"{path}: larger than {limit >> 20} MiB, too large for checkpoint metadata{fix}")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {short(raw[exc.start:exc.start + 4])} at offset "
+                              f"{exc.start}){fix}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: nested deeper than {JSON_DEPTH} levels{fix}") from None
+    except ValueError as exc:  # JSONDecodeError (with line and column), or an integer of too many digits
+        raise CheckpointError(f"{path}: not valid JSON ({short(str(exc), 160)}){fix}") from None
+    _check_json_values(path, data)
+    return data
+
+
+def _check_json_values(path: Path, data: object) -> None:
+    """Refuse NaN and infinities (not JSON), integers beyond 64 bits, and nesting beyond ``JSON_DEPTH``."""
+    todo = [("", data, 0)]
+    while todo:
+        where, value, depth = todo.pop()
+        if isinstance(value, dict):
+            items = ((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+        else:
+            items = ()
+            if isinstance(value, float) and not math.isfinite(value):
+                raise field_error(path, where, "not a JSON number", given=value, expected="a finite number")
+            if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+                raise field_error(path, where, "an integer beyond 64 bits", given=value,
+                                  expected="an integer that fits 64 bits")
+        if isinstance(value, (dict, list)) and depth >= JSON_DEPTH:
+            raise field_error(path, short(where, 60)[1:-1], f"nested deeper than {JSON_DEPTH} levels", given=value,
+                              expected="checkpoint metadata (a few levels deep)")
+        todo.extend((w, v, depth + 1) for w, v in items)
+
+
+def read_json_mapping(path: Path, *, what: str = "a JSON mapping") -> dict:
+    """``read_json`` for a file that must hold a mapping (every metadata file does)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds {_described(data)}\n    expected: {what}\n"
+                              f"    fix: {AGAIN}")
+    return data
+
+
+def _described(value: object) -> str:
+    return "null" if value is None else f"{_kind_of(value)} {short(value)}"
+
+
+def _kind_of(value: object) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
 def _checked_splice_config(folder: Path, verify: bool) -> dict:
     """``splice.json``: its format, a version this splice reads, a resolved spec, and the files it lists."""
     path = folder / SPLICE_CONFIG
-    config = read_json(path)
-    if not isinstance(config, dict) or config.get("format") != "splice" or "spec" not in config:
-        raise CheckpointError(f"{path}: not a splice config (expected a mapping with format: splice and a spec)\n"
-                              "    fix: point at a folder written by model.save_pretrained")
+    config = read_json_mapping(path, what="a mapping with format: splice, a version and a spec")
+    if config.get("format") != "splice":
+        raise field_error(path, "format", "not a splice config", given=config.get("format"), expected="'splice'",
+                          fix="point at a folder written by model.save_pretrained")
     version = config.get("version")
     if type(version) is not int or version not in READABLE_VERSIONS:
-        raise CheckpointError(
-            f"{path}: format version {str(version)[:40]!r}; this splice reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}\n    fix: load it with the splice release that wrote it, "
-            "or upgrade splice")
-    spec = config["spec"]
+        raise field_error(path, "version", "a format version this splice does not read", given=version,
+                          expected=" or ".join(map(str, READABLE_VERSIONS)),
+                          fix="load it with the splice release that wrote it, or upgrade splice")
+    spec = config.get("spec")
     if not isinstance(spec, dict):
-        raise CheckpointError(
-            f"{path}: spec is {type(spec).__name__} {str(spec)[:80]!r}; expected the resolved spec (a mapping), "
-            "never a reference to a file or preset\n    fix: save the model again with model.save_pretrained")
+        raise field_error(path, "spec", f"{_kind_of(spec)}, not a resolved spec", given=spec,
+                          expected="the resolved spec (a mapping), never a reference to a file or preset",
+                          fix="save the model again with model.save_pretrained")
     for role in ("encoder", "decoder"):
         part = spec.get(role)
         if isinstance(part, dict) and part.get("pretrained", False) is not False:
-            raise CheckpointError(
-                f"{path}: spec.{role}.pretrained is {str(part['pretrained'])[:80]!r}; a saved folder holds its own "
-                "weights, so it must be false\n    fix: save the model again with model.save_pretrained")
+            raise field_error(path, f"spec.{role}.pretrained", "a saved folder holds its own weights",
+                              given=part["pretrained"], expected="false",
+                              fix="save the model again with model.save_pretrained")
     if version >= 2:
-        files = config.get("files")
-        if not isinstance(files, dict) or WEIGHTS not in files:
-            raise CheckpointError(f"{path}: no record of {WEIGHTS} under `files`\n    fix: save the model again")
-        verify_files(folder, files, source=str(path), check_hash=verify)
-        added = sorted(n for n in SPLICE_FILES - {SPLICE_CONFIG} - set(files) if (folder / n).exists())
-        if added:
-            raise CheckpointError(
-                f"{folder}: {', '.join(added)} not recorded in {SPLICE_CONFIG}: added or changed after the save\n"
-                "    fix: remove it, or attach it to the model (model.tokenizer, model.generation_defaults, ...) and "
-                "save again")
+        _check_recorded_files(folder, path, config.get("files"), verify)
     return config
+
+
+def _check_recorded_files(folder: Path, path: Path, files: object, verify: bool) -> None:
+    """The ``files`` record of a version-2 ``splice.json``: every file is there as saved, and no other was added."""
+    if not isinstance(files, dict) or WEIGHTS not in files:
+        raise field_error(path, "files", f"no record of {WEIGHTS}", given=files,
+                          expected=f"a mapping of file name to {{bytes, sha256}} that lists {WEIGHTS}",
+                          fix="save the model again")
+    verify_files(folder, files, source=str(path), check_hash=verify)
+    added = sorted(n for n in SPLICE_FILES - {SPLICE_CONFIG} - set(files) if (folder / n).exists())
+    if added:
+        raise CheckpointError(
+            f"{folder}: {', '.join(added)} not recorded in {SPLICE_CONFIG}: added or changed after the save\n"
+            "    fix: remove it, or attach it to the model (model.tokenizer, model.generation_defaults, ...) and "
+            "save again")
+
+
+def checked_generation(path: Path, data: object) -> dict:
+    """Generation defaults read from ``path``: a mapping whose options ``generate`` accepts, checked by the rules
+    of its arguments, so that a bad value is reported at load, naming the file and the option."""
+    from types import SimpleNamespace
+
+    from splice.core.errors import InputError
+    from splice.core.generation import resolve_settings
+
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds {_described(data)}\n    expected: a mapping of "
+                              f"generation options (max_length, num_beams, ...)\n    fix: {AGAIN}")
+    try:
+        resolve_settings(SimpleNamespace(generation_defaults=data, tokens={}), {}, prompt_len=1)
+    except InputError as exc:
+        problem = exc.problems[0]
+        option = re.fullmatch(r"generate\((\w+)=\.\.\.\)", problem.path)
+        raise field_error(path, option.group(1) if option else problem.path, "not a value generate accepts",
+                          given=problem.given, expected=problem.expected,
+                          fix=f"correct or remove it in {path.name}, or save the model again") from None
+    return data
+
+
+def _check_weights_metadata(weights: Path, meta: dict, version: int) -> None:
+    if meta.get("format") != "splice" or meta.get("version") != str(version):
+        raise CheckpointError(
+            f"{weights}: its metadata says format {short(meta.get('format'))} version {short(meta.get('version'))}, "
+            f"but {SPLICE_CONFIG} says splice version {version}\n"
+            "    fix: the files do not belong together; save the model again")
 
 
 def _tied_aliases(meta: dict, tensors: dict, source: str) -> dict[str, str]:
     try:
         tied = json.loads(meta.get("tied", "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):
         tied = None
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
-        raise CheckpointError(f"{source}: metadata `tied` is not a mapping of tensor names\n    fix: save the model again")
+        raise CheckpointError(f"{source}: metadata `tied` is not a mapping of tensor names (given "
+                              f"{short(meta.get('tied'))})\n    fix: save the model again")
     for alias, original in tied.items():
         if alias in tensors:
-            raise CheckpointError(f"{source}: metadata ties {alias!r} to {original!r}, but the file holds a tensor "
-                                  f"{alias!r} of its own\n    fix: save the model again")
+            raise CheckpointError(f"{source}: metadata ties {short(alias)} to {short(original)}, but the file holds "
+                                  f"a tensor {short(alias)} of its own\n    fix: save the model again")
         if original not in tensors:
-            raise CheckpointError(f"{source}: metadata ties {alias!r} to {original!r}, which is not in the file\n"
-                                  "    fix: save the model again")
+            raise CheckpointError(f"{source}: metadata ties {short(alias)} to {short(original)}, which is not in "
+                                  "the file\n    fix: save the model again")
     return tied
 
 
 def _load_splice(folder: Path, *, dtype, strict: bool, verify: bool = True):
-    from splice.core.composer import validate
+    """A splice folder: every metadata file and the weights' header are checked before anything is built."""
+    from splice.core.composer import assemble, validate
 
     config = _checked_splice_config(folder, verify)
+    gen_file = folder / GENERATION
+    generation = checked_generation(gen_file, read_json(gen_file)) if gen_file.exists() else {}
+    weights = folder / WEIGHTS
+    tensors, meta = read_safetensors(weights)
+    _check_weights_metadata(weights, meta, config["version"])
+    for alias, original in _tied_aliases(meta, tensors, str(weights)).items():
+        tensors[alias] = tensors[original]
     plan = validate(config["spec"])
     if not plan.ok:  # e.g. the plugin that provides a component is not installed here
         from splice.core.errors import error_for
 
         raise error_for(plan.problems, source=str(folder / SPLICE_CONFIG))
     model = plan.meta_model
-    from splice.core.composer import assemble
-
-    weights = folder / WEIGHTS
-    tensors, meta = read_safetensors(weights)
-    if meta.get("format") != "splice" or meta.get("version") != str(config["version"]):
-        raise CheckpointError(
-            f"{weights}: its metadata says format {meta.get('format')!r} version {meta.get('version')!r}, but "
-            f"{SPLICE_CONFIG} says splice version {config['version']}\n"
-            "    fix: the files do not belong together; save the model again")
-    for alias, original in _tied_aliases(meta, tensors, str(weights)).items():
-        tensors[alias] = tensors[original]
     model.loading_report = assign_weights(model, tensors, source=str(weights), strict=strict, dtype=dtype,
-                                          fresh=lambda: assemble(plan))
-    gen_file = folder / GENERATION
-    model.generation_defaults = read_json(gen_file) if gen_file.is_file() else {}
+                                          fresh=lambda: assemble(plan), config=SPLICE_CONFIG)
+    model.generation_defaults = generation
     model.tokenizer = load_tokenizer(folder)
     model.image_processor = ImageProcessor.from_folder(folder)
     return model.eval()
@@ -499,23 +719,39 @@ def _load_splice(folder: Path, *, dtype, strict: bool, verify: bool = True):
 def load_tokenizer(folder: Path):
     """The folder's tokenizer: tokenizer.json, or the vocab files of GPT-2/RoBERTa (vocab.json + merges.txt) or
     BERT (vocab.txt) layouts. None when there is none."""
-    from tokenizers import Tokenizer
-
-    try:
-        if (folder / "tokenizer.json").is_file():
-            return Tokenizer.from_file(str(folder / "tokenizer.json"))
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            from tokenizers.implementations import ByteLevelBPETokenizer
-
-            return ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))._tokenizer
-        if (folder / "vocab.txt").is_file():
-            from tokenizers.implementations import BertWordPieceTokenizer
-
-            lower = True
-            cfg = folder / "tokenizer_config.json"
-            if cfg.is_file():
-                lower = json.loads(cfg.read_text()).get("do_lower_case", True)
-            return BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=lower)._tokenizer
-    except Exception as exc:
-        raise CheckpointError(f"{folder}: the tokenizer files cannot be read ({type(exc).__name__}: {exc})") from None
+    if (folder / "tokenizer.json").exists():
+        return _tokenizer_from(folder / "tokenizer.json", lambda: _tokenizers().Tokenizer.from_file(
+            str(folder / "tokenizer.json")))
+    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        return _tokenizer_from(folder / "vocab.json", lambda: _tokenizers().implementations.ByteLevelBPETokenizer(
+            str(folder / "vocab.json"), str(folder / "merges.txt"))._tokenizer, also="merges.txt")
+    if (folder / "vocab.txt").exists():
+        cfg = folder / "tokenizer_config.json"
+        lower = read_json_mapping(cfg).get("do_lower_case", True) if cfg.exists() else True
+        if not isinstance(lower, bool):
+            raise field_error(cfg, "do_lower_case", "not a boolean", given=lower, expected="true or false")
+        return _tokenizer_from(folder / "vocab.txt", lambda: _tokenizers().implementations.BertWordPieceTokenizer(
+            str(folder / "vocab.txt"), lowercase=lower)._tokenizer)
     return None
+
+
+def _tokenizers():
+    import tokenizers
+    import tokenizers.implementations
+
+    return tokenizers
+
+
+def _tokenizer_from(path: Path, read, *, also: str = ""):
+    """``read()``, with the tokenizers library's errors for a corrupted or foreign file as a CheckpointError."""
+    if not path.is_file() or also and not (path.parent / also).is_file():
+        raise CheckpointError(f"{path}{' or ' + also if also else ''}: not a regular file\n"
+                              "    fix: save or download the tokenizer files again")
+    try:
+        return read()
+    except BaseException as exc:  # the library's own errors, and a Rust panic (a BaseException)
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
+        raise CheckpointError(f"{path}: cannot be read as a tokenizer ({type(exc).__name__}: {short(str(exc), 300)})"
+                              "\n    fix: save or download the tokenizer files again, or remove them (the model then "
+                              "has no tokenizer)") from None

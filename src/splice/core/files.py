@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from splice.core.errors import CheckpointError
+from splice.core.errors import CheckpointError, short
 
 try:
     import fcntl
@@ -36,9 +36,8 @@ def inside(folder: Path, name: object, *, what: str) -> Path:
     as the hub's cache is made of them."""
     if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\x00" in name
             or os.path.isabs(name) or len(name) > 255):
-        shown = repr(name) if len(repr(name)) <= 120 else repr(name)[:117] + "..."
         raise CheckpointError(
-            f"{what} names {shown}, which is not a file inside {folder}\n"
+            f"{what} names {short(name, 120)}, which is not a file inside {folder}\n"
             "    expected: a plain file name in the same folder\n"
             "    fix: the folder's metadata was edited or made elsewhere; download or save it again")
     return folder / name
@@ -68,11 +67,12 @@ def verify_files(folder: Path, listed: object, *, source: str, check_hash: bool 
                               "size and checksum\n    fix: save the model again")
     for name, info in listed.items():
         path = inside(folder, name, what=f"{source}: `files`")
-        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str):
-            raise CheckpointError(f"{source}: the record of {name} is {info!r}, expected {{bytes, sha256}}\n"
+        if not isinstance(info, dict) or type(info.get("bytes")) is not int or not isinstance(info.get("sha256"), str):
+            raise CheckpointError(f"{source}: `files.{name}` is {short(info)}, expected {{bytes: int, sha256: str}}\n"
                                   "    fix: save the model again")
         if not path.is_file():
-            raise CheckpointError(f"{path}: listed in {source} but missing\n    fix: copy or download the whole folder")
+            what = "missing" if not path.exists() and not path.is_symlink() else "not a regular file"
+            raise CheckpointError(f"{path}: listed in {source} but {what}\n    fix: copy or download the whole folder")
         size = path.stat().st_size
         if size != info["bytes"]:
             raise CheckpointError(f"{path}: {size} bytes, but {info['bytes']} were saved: the file is truncated or corrupted\n"

@@ -9,14 +9,15 @@ names; the layout that places the most tensors wins. Downloads go through huggin
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from torch import Tensor
 
-from splice.core.checkpoint import LoadReport, map_from_hf, read_safetensors, read_weights
-from splice.core.errors import CheckpointError
+from splice.core.checkpoint import (LoadReport, clip_name, dtype_kind, map_from_hf, read_json_mapping,
+                                    read_safetensors, read_weights, weights_file)
+from splice.core.errors import CheckpointError, ConfigError, SpliceError
 
 _ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin"]
 
@@ -67,12 +68,25 @@ def source_config(entry, source: str) -> dict | None:
             raise
         return None  # weights-only repos (no config.json): the spec's config stands
     cfg_file = (where if where.is_dir() else where.parent) / "config.json"
-    if not cfg_file.is_file():
+    if not cfg_file.exists():
         return None
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("model_type") in entry.hf.model_types:
-        return entry.hf.config_from_hf(cfg)
-    return None
+    from splice.core.composer import checked_config
+    from splice.core.transformers_format import part_config_from_hf
+
+    try:
+        cfg = read_json_mapping(cfg_file, what="a transformers config (a mapping)")
+        if cfg.get("model_type") not in entry.hf.model_types:
+            return None
+        values, problems = part_config_from_hf(entry, cfg, source=str(cfg_file)), []
+        checked_config(entry, values, "", problems)  # the checkpoint's own config must be one splice can build
+        if problems:
+            raise ConfigError(problems, source=f"{cfg_file} (as a {entry.name} config)")
+        return values
+    except SpliceError as exc:  # placed under `<role>.pretrained` by the composer: the file goes into each message
+        if not exc.source:
+            raise
+        raise type(exc)([replace(p, path="", message=f"{exc.source}: {p.path + ': ' if p.path else ''}{p.message}")
+                         for p in exc.problems]) from None
 
 
 def _candidates(module, entry, tensors: dict[str, Tensor], hf_config: dict | None, values: dict):
@@ -89,8 +103,8 @@ def _candidates(module, entry, tensors: dict[str, Tensor], hf_config: dict | Non
         if cfg is not None:
             try:
                 yield "transformers", *map_from_hf(entry.hf, dict(tensors), cfg)
-            except CheckpointError:
-                pass  # not this layout
+            except (CheckpointError, LookupError, ValueError, TypeError, RuntimeError):
+                pass  # not this layout (a plugin's mapping may fail on other tensors in its own way)
 
 
 def load_part(model, part, *, strict: bool) -> LoadReport:
@@ -102,8 +116,9 @@ def load_part(model, part, *, strict: bool) -> LoadReport:
         hf_config = None
     else:
         tensors = read_weights(where)
-        cfg_file = where / "config.json"
-        hf_config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+        where = weights_file(where)  # the file named in the messages below
+        cfg_file = where.parent / "config.json"
+        hf_config = read_json_mapping(cfg_file, what="a transformers config (a mapping)") if cfg_file.exists() else None
         if hf_config is not None and part.entry.hf and hf_config.get("model_type") not in part.entry.hf.model_types:
             hf_config = None
     values = part.config.model_dump()
@@ -113,11 +128,9 @@ def load_part(model, part, *, strict: bool) -> LoadReport:
             f"{where}: none of its {len(tensors)} tensors fit {part.role} {part.family!r} in splice, timm or "
             f"transformers layout\n    fix: check that `{part.role}.pretrained` points at weights of this architecture"
         )
+    _check_fit(where, part, mapped, module.state_dict())
+    module.load_state_dict(mapped, strict=False)  # copies, casting floats to the module's dtype
     expected = module.state_dict()
-    bad = [f"{k}: file {tuple(v.shape)}, model {tuple(expected[k].shape)}" for k, v in mapped.items() if v.shape != expected[k].shape]
-    if bad:
-        raise CheckpointError(f"{where}: tensors of the wrong shape for {part.role} {part.family!r}:\n  " + "\n  ".join(bad))
-    module.load_state_dict(mapped, strict=False)
     new = {f"{n}" for m in model.cross_attention_modules for n in _names_in(module, m)} if part.role == "decoder" else set()
     missing = sorted(k for k in expected if k not in mapped and k not in new and not _is_buffer(module, k))
     p = part.role
@@ -135,6 +148,20 @@ def load_part(model, part, *, strict: bool) -> LoadReport:
             + "    fix: load with strict=False to accept them, or point at matching weights"
         )
     return report
+
+
+def _check_fit(where: Path, part, mapped: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    """Every mapped tensor has the module's shape, and values of its kind (no integers where it holds floats)."""
+    bad = [f"{clip_name(k)}: file {tuple(v.shape)}, model {tuple(expected[k].shape)}" for k, v in mapped.items()
+           if v.shape != expected[k].shape]
+    bad += [f"{clip_name(k)}: {str(v.dtype).removeprefix('torch.')} in the file, the model holds "
+            f"{str(expected[k].dtype).removeprefix('torch.')}" for k, v in mapped.items()
+            if dtype_kind(v.dtype) != dtype_kind(expected[k].dtype)]
+    if bad:
+        more = f"\n  ... and {len(bad) - 12} more" if len(bad) > 12 else ""
+        raise CheckpointError(f"{where}: tensors that do not fit {part.role} {part.family!r}:\n  "
+                              + "\n  ".join(bad[:12]) + more + f"\n    fix: check that `{part.role}.pretrained` "
+                              "points at weights of this architecture and size")
 
 
 def _names_in(root, sub) -> list[str]:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from splice.core.checkpoint import LazyTensors, assign_weights, lazy_weights, load_tokenizer, map_from_hf, read_json
-from splice.core.errors import CheckpointError, ConfigError
+from splice.core.checkpoint import (LazyTensors, assign_weights, checked_generation, field_error, lazy_weights,
+                                    load_tokenizer, map_from_hf, read_json, read_json_mapping, shown_names,
+                                    weights_file)
+from splice.core.errors import CheckpointError, ConfigError, Problem, short
 from splice.core.files import write_folder
 from splice.core.plugins import get_registry
 from splice.core.processing import ImageProcessor
@@ -33,29 +36,19 @@ def _first(*values):
 
 def spec_from_ved_config(config: dict, *, source: str = "config.json") -> tuple[dict, dict]:
     """A composition spec for a transformers VED config, plus the generation defaults it implies."""
-    if config.get("model_type") != VED_MODEL_TYPE:
-        raise CheckpointError(
-            f"{source}: model_type is {config.get('model_type')!r}; expected {VED_MODEL_TYPE!r}\n"
-            "    fix: splice.load reads splice folders and transformers VisionEncoderDecoder folders"
-        )
+    check_ved_config(config, source)
     registry = get_registry()
     spec: dict = {"kind": "encoder-decoder", "projection": "auto"}
     for role in ("encoder", "decoder"):
-        sub = config.get(role) or {}
-        model_type = sub.get("model_type")
-        entry = registry.by_hf_model_type(role, model_type)
+        sub = config[role]
+        entry = registry.by_hf_model_type(role, sub["model_type"])
         if entry is None:
             known = sorted({t for e in registry.entries(role) if e.hf for t in e.hf.model_types})
-            raise CheckpointError(
-                f"{source}: {role}.model_type {model_type!r} has no splice {role} that reads it "
-                f"(supported: {', '.join(known)})\n    fix: install a plugin that registers one"
-            )
-        try:
-            values = entry.hf.config_from_hf(sub)
-        except ConfigError as exc:
-            raise ConfigError(exc.problems, source=f"{source} ({role})") from None
-        spec[role] = {"name": entry.name, "config": values}
-    dec = config.get("decoder") or {}
+            raise field_error(source, f"{role}.model_type", f"no splice {role} reads this model type",
+                              given=sub["model_type"], expected=f"one of {', '.join(known)}",
+                              fix="install a plugin that registers one", cls=ConfigError)
+        spec[role] = {"name": entry.name, "config": part_config_from_hf(entry, sub, source=source, prefix=f"{role}.")}
+    dec = config["decoder"]
     spec["cross_attention"] = {"kind": "standard", "layers": "all" if dec.get("add_cross_attention", True) else "none"}
     spec["tokens"] = {
         "decoder_start": _first(config.get("decoder_start_token_id"), dec.get("decoder_start_token_id"), dec.get("bos_token_id")),
@@ -69,20 +62,154 @@ def spec_from_ved_config(config: dict, *, source: str = "config.json") -> tuple[
     return spec, generation
 
 
+_TOKEN_IDS = ("decoder_start_token_id", "bos_token_id", "pad_token_id", "eos_token_id")
+
+
+def _is_token_id(x: object) -> bool:
+    return type(x) is int and x >= 0
+
+
+def check_ved_config(config: object, source: str) -> None:
+    """The parts of a VisionEncoderDecoder ``config.json`` that splice reads itself: its model types, the
+    encoder and decoder configs (mappings), the token ids and ``add_cross_attention``."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: holds {short(config)}\n    expected: a JSON mapping (a transformers "
+                              "config)\n    fix: save or download the folder again")
+    if config.get("model_type") != VED_MODEL_TYPE:
+        raise field_error(source, "model_type", "not a VisionEncoderDecoder config", given=config.get("model_type"),
+                          expected=repr(VED_MODEL_TYPE),
+                          fix="splice.load reads splice folders and transformers VisionEncoderDecoder folders")
+    for role in ("encoder", "decoder"):
+        sub = config.get(role)
+        if not isinstance(sub, dict):
+            raise field_error(source, role, f"not the {role}'s config", given=sub,
+                              expected=f"a mapping with the {role}'s model_type and settings",
+                              fix="save or download the folder again", cls=ConfigError)
+        if not isinstance(sub.get("model_type"), str):
+            raise field_error(source, f"{role}.model_type", "not a model type", given=sub.get("model_type"),
+                              expected="a string such as 'vit' or 'gpt2'", fix="save or download the folder again",
+                              cls=ConfigError)
+    for where, values in (("", config), ("decoder.", config["decoder"])):
+        for key in _TOKEN_IDS:
+            value = values.get(key)
+            if value is None or _is_token_id(value) or (
+                    isinstance(value, list) and value and all(_is_token_id(v) for v in value)):
+                continue
+            raise field_error(source, where + key, "not a token id", given=value,
+                              expected="null, a token id (an integer >= 0) or a non-empty list of them",
+                              fix="set it to the token's id in the decoder's vocabulary", cls=ConfigError)
+    cross = config["decoder"].get("add_cross_attention", True)
+    if not isinstance(cross, bool):
+        raise field_error(source, "decoder.add_cross_attention", "not a boolean", given=cross,
+                          expected="true or false", fix="set it to true (a captioning decoder attends to the image)",
+                          cls=ConfigError)
+
+
+def part_config_from_hf(entry, sub: dict, *, source: str, prefix: str = "") -> dict:
+    """A component's splice config from its (``prefix``-ed) part of a transformers config: each field the component
+    reads must hold the type transformers writes there (judged by the component's default config), and anything
+    else the plugin's reader fails on is a ``ConfigError`` naming the file and the part."""
+    problems = [Problem(f"{prefix}{key}", "not the type transformers writes here", given=sub[key],
+                        expected=f"{_type_name(ref)} (the default is {short(ref)})",
+                        fix="correct the value, or save the config again with transformers")
+                for key, ref in _reference_config(entry).items() if key in sub and not _fits(sub[key], ref)]
+    if problems:
+        raise ConfigError(problems, source=source)
+    try:
+        return entry.hf.config_from_hf(sub)
+    except ConfigError as exc:
+        placed = [replace(p, path=f"{prefix}{p.path}" if p.path else prefix.rstrip(".")) for p in exc.problems]
+        raise ConfigError(placed, source=source) from None
+    except Exception as exc:  # noqa: BLE001 - a plugin's reader that did not expect a value
+        raise field_error(source, prefix.rstrip("."), f"the {entry.name!r} plugin cannot read this config "
+                          f"({type(exc).__name__}: {short(str(exc), 200)})", expected=f"a transformers "
+                          f"{sub.get('model_type')} config", fix="correct the value named above, or save the config "
+                          "again with transformers", cls=ConfigError) from None
+
+
+def _reference_config(entry) -> dict:
+    """The component's default config in transformers' terms: the types each field should have."""
+    if entry.hf is None or entry.hf.config_to_hf is None:
+        return {}
+    try:
+        return entry.hf.config_to_hf(entry.make_config().model_dump())
+    except Exception:  # noqa: BLE001 - no default config to judge by: the plugin's reader judges alone
+        return {}
+
+
+def _fits(value: object, ref: object) -> bool:
+    """Whether ``value`` has the JSON type of ``ref`` (an int size may also be a list, as in ``[height, width]``)."""
+    if ref is None:
+        return True
+    if isinstance(ref, bool):
+        return isinstance(value, bool)
+    if isinstance(ref, int):
+        return type(value) is int or isinstance(value, list) and bool(value) and all(type(v) is int for v in value)
+    if isinstance(ref, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(ref, (list, tuple)):
+        return isinstance(value, list) and (not ref or all(_fits(v, ref[0]) for v in value))
+    return isinstance(value, type(ref))
+
+
+def _type_name(ref: object) -> str:
+    if isinstance(ref, bool):
+        return "true or false"
+    if isinstance(ref, int):
+        return "an integer"
+    if isinstance(ref, float):
+        return "a number"
+    if isinstance(ref, (list, tuple)):
+        return "a list"
+    return {str: "a string", dict: "a mapping"}.get(type(ref), type(ref).__name__)
+
+
 def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = True):
+    """A transformers VisionEncoderDecoder folder: config.json, generation_config.json and the weights' headers
+    are checked before anything is built."""
     from splice.core.composer import assemble, validate
 
-    config = read_json(folder / "config.json")
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{folder / 'config.json'}: expected a JSON mapping, got {type(config).__name__}")
-    spec, generation = spec_from_ved_config(config, source=str(folder / "config.json"))
+    config_file = folder / "config.json"
+    config = read_json(config_file)
+    spec, generation = spec_from_ved_config(config, source=str(config_file))
+    gen_file = folder / "generation_config.json"
+    if gen_file.exists():
+        generation.update(_generation_options(gen_file))
+    source = str(weights_file(folder))
+    tensors = lazy_weights(folder)  # read one tensor at a time, so converted originals are freed as we go
     plan = validate(spec)
     if not plan.ok:
-        raise ConfigError(plan.problems, source=f"{folder / 'config.json'} (as a splice spec)")
+        raise ConfigError(plan.problems, source=f"{config_file} (as a splice spec)")
     model = plan.meta_model
-    tensors = lazy_weights(folder)  # read one tensor at a time, so converted originals are freed as we go
-    state, unused, notes = {}, [], []
-    unexpected = []  # unused tensors nobody said to expect: a strict load refuses them
+    state, unused, unexpected, notes = _split_state(source, tensors, plan, config)
+    if strict and unexpected:
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} tensor(s) have no place in the model that config.json "
+            f"describes: {shown_names(sorted(unexpected), 10)}\n"
+            "    fix: check that config.json and the weights belong together (a layer count, a size), or load "
+            "with strict=False, which lists them as unexpected")
+    model.loading_report = assign_weights(
+        model, state, source=source, strict=strict, dtype=dtype, unused=unused, fresh=lambda: assemble(plan),
+        config="config.json")
+    model.loading_report.notes = notes + model.loading_report.notes
+    model.loading_report.unexpected = sorted(set(model.loading_report.unexpected) | set(unexpected))
+    model.generation_defaults = generation
+    model.tokenizer = load_tokenizer(folder)
+    model.image_processor = ImageProcessor.from_folder(folder)
+    return model.eval()
+
+
+def _generation_options(gen_file: Path) -> dict:
+    """The options of a ``generation_config.json`` that ``generate`` takes (transformers writes many more)."""
+    from splice.core.generation import GENERATION_OPTIONS
+
+    gen = read_json_mapping(gen_file, what="a mapping of generation options")
+    return checked_generation(gen_file, {k: gen[k] for k in GENERATION_OPTIONS if gen.get(k) is not None})
+
+
+def _split_state(source: str, tensors, plan, config: dict) -> tuple[dict, list[str], list[str], list[str]]:
+    """(state in splice's names, unused, unexpected, notes): each role's tensors through its plugin's mapping."""
+    state, unused, unexpected, notes = {}, [], [], []
     for name in tensors:
         head = name.partition(".")[0]
         if head == "enc_to_dec_proj":
@@ -94,34 +221,22 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
             group = tensors.with_prefix(f"{role}.")
         else:
             group = {k[len(role) + 1:]: v for k, v in tensors.items() if k.startswith(f"{role}.")}
-        mapped, role_unused, role_notes = map_from_hf(part.entry.hf, group, config[role])
+        try:
+            mapped, role_unused, role_notes = map_from_hf(part.entry.hf, group, config[role])
+        except CheckpointError as exc:  # the plugin's own message, placed in the file
+            text = str(exc)  # clipped in the middle, where a tensor name from the file may be long; the fix stays
+            text = text if len(text) <= 1500 else text[:1000] + " ... " + text[-400:]
+            raise CheckpointError(f"{source} ({role}): {text}") from None
+        except Exception as exc:  # noqa: BLE001 - a plugin's mapping that did not expect these tensors
+            raise CheckpointError(f"{source}: the {role}'s tensors cannot be read as {part.entry.name!r} weights "
+                                  f"({type(exc).__name__}: {short(str(exc), 200)})\n    fix: check that config.json "
+                                  "and the weights belong together, or download the folder again") from None
         notes.extend(f"{role}: {n}" for n in role_notes)
         state.update({f"{role}.{k}": v for k, v in mapped.items()})
         expected_unused = [re.compile(p) for p in getattr(part.entry.hf, "ignorable", ())]
         for k in role_unused:
             (unused if any(p.fullmatch(k) for p in expected_unused) else unexpected).append(f"{role}.{k}")
-    if strict and unexpected:
-        raise CheckpointError(
-            f"{folder}: {len(unexpected)} tensor(s) in the folder have no place in the model its config.json "
-            f"describes: {', '.join(sorted(unexpected)[:10])}{' ...' if len(unexpected) > 10 else ''}\n"
-            "    fix: check that config.json and the weights belong together (a layer count, a size), or load "
-            "with strict=False, which lists them as unexpected")
-    gen_file = folder / "generation_config.json"
-    if gen_file.is_file():
-        from splice.core.generation import GENERATION_OPTIONS
-
-        gen = read_json(gen_file)
-        gen = gen if isinstance(gen, dict) else {}
-        generation.update({k: gen[k] for k in GENERATION_OPTIONS if gen.get(k) is not None})
-    model.loading_report = assign_weights(
-        model, state, source=str(folder), strict=strict, dtype=dtype, unused=unused, fresh=lambda: assemble(plan)
-    )
-    model.loading_report.notes = notes
-    model.loading_report.unexpected = sorted(set(model.loading_report.unexpected) | set(unexpected))
-    model.generation_defaults = generation
-    model.tokenizer = load_tokenizer(folder)
-    model.image_processor = ImageProcessor.from_folder(folder)
-    return model.eval()
+    return state, unused, unexpected, notes
 
 
 def export_ved(model, path) -> None:
