@@ -149,6 +149,13 @@ def _write(name: str, data: bytes) -> Callable[[Path], None]:
     return corrupt
 
 
+def _sparse(name: str, size: int) -> Callable[[Path], None]:
+    def corrupt(folder: Path) -> None:
+        with open(folder / name, "r+b") as f:
+            f.truncate(size)
+    return corrupt
+
+
 def _edit(name: str, fn: Callable[[bytes], bytes]) -> Callable[[Path], None]:
     def corrupt(folder: Path) -> None:
         (folder / name).write_bytes(fn((folder / name).read_bytes()))
@@ -183,6 +190,7 @@ def file_cases(name: str, original: bytes, *, json_file: bool) -> list[Case]:
             Case(f"{name} in UTF-16", _write(name, original.decode().encode("utf-16")), name),
             Case(f"{name} with a byte-order mark", _write(name, b"\xef\xbb\xbf" + original), name),
             Case(f"{name} padded by 500 KB of spaces", _write(name, original + b" " * 500_000), name, expect="ok"),
+            Case(f"{name} of 100 MB (sparse)", _sparse(name, 100 << 20), name),
         ]
     cases += [Case(f"{name} cut to {k} of {n} bytes", _edit(name, lambda b, k=k: b[:k]), name)
               for k in sorted({0, 1, 7, n // 3, n // 2, n - 2})]

@@ -277,7 +277,8 @@ class LazyTensors(Mapping):
                 got += n
         view.release()
         if got != end - begin:
-            raise CheckpointError(f"{path}: tensor {name!r} is cut short ({got} of {end - begin} bytes)")
+            raise CheckpointError(f"{path}: tensor {short(name)} is cut short ({got} of {end - begin} bytes): the file "
+                                  "changed while it was read\n    fix: save or download it again")
         return torch.frombuffer(buf, dtype=dtype).view(info["shape"])
 
     def __iter__(self):
@@ -742,10 +743,16 @@ def _tokenizers():
     return tokenizers
 
 
+TOKENIZER_LIMIT = 1 << 30  # bytes: the largest released tokenizer.json files are tens of MB
+
+
 def _tokenizer_from(path: Path, read, *, also: str = ""):
     """``read()``, with the tokenizers library's errors for a corrupted or foreign file as a CheckpointError."""
     if not path.is_file() or also and not (path.parent / also).is_file():
         raise CheckpointError(f"{path}{' or ' + also if also else ''}: not a regular file\n"
+                              "    fix: save or download the tokenizer files again")
+    if path.stat().st_size > TOKENIZER_LIMIT:
+        raise CheckpointError(f"{path}: larger than {TOKENIZER_LIMIT >> 30} GiB, too large for a tokenizer\n"
                               "    fix: save or download the tokenizer files again")
     try:
         return read()
