@@ -175,6 +175,8 @@ GENERATE_ERRORS = {
     "repetition_penalty 0": ("repetition_penalty", _gen(repetition_penalty=0.0)),
     "length_penalty NaN": ("length_penalty", _gen(num_beams=2, length_penalty=NAN)),
     "length_penalty -Inf": ("length_penalty", _gen(num_beams=2, length_penalty=-INF)),
+    "length_penalty 1e9 (length ** 1e9 overflows a float)": ("length_penalty", _gen(num_beams=2, length_penalty=1e9)),
+    "length_penalty 400": ("length_penalty", _gen(num_beams=2, length_penalty=400.0)),
     "num_beams 0": ("num_beams", _gen(num_beams=0)),
     "num_beams 1.5": ("num_beams", _gen(num_beams=1.5)),
     "num_beams 10**6": ("num_beams", _gen(num_beams=10**6)),

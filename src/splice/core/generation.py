@@ -120,6 +120,7 @@ _HF_DEFAULTS: dict[str, Any] = dict(
     repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0, num_return_sequences=1,
 )
 _DEFAULT_NEW_TOKENS = 20  # transformers: with no max_length anywhere, 20 new tokens
+MAX_LENGTH_PENALTY = 10.0  # |length_penalty|: length ** 10 stays finite for any position count splice accepts
 
 GENERATION_OPTIONS = _OPTIONS = (
     "max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_beams", "num_return_sequences",
@@ -263,9 +264,11 @@ def _search_options(kwargs: dict, defaults: dict) -> dict[str, Any]:
     if not _is_real(top_p) or not 0 < top_p <= 1:
         raise _bad("top_p", top_p, "a number in (0, 1]", "pass e.g. top_p=0.9, or top_p=1.0 to switch it off")
     length_penalty = _pick("length_penalty", kwargs, defaults)
-    if not _is_real(length_penalty):
-        raise _bad("length_penalty", length_penalty, "a finite number (> 0 favours long beams, < 0 short ones)",
-                   "pass e.g. length_penalty=1.0")
+    if not _is_real(length_penalty) or abs(length_penalty) > MAX_LENGTH_PENALTY:
+        # a beam's score is divided by length ** length_penalty: beyond the bound that overflows a float
+        raise _bad("length_penalty", length_penalty,
+                   f"a number in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}] (> 0 favours long beams, < 0 short ones)",
+                   "pass e.g. length_penalty=1.0 (released models use 0.6 to 2)")
     early_stopping = _pick("early_stopping", kwargs, defaults)
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):
         raise _bad("early_stopping", early_stopping, "True, False or 'never'",
