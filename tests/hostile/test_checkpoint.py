@@ -34,6 +34,7 @@ VALUES = {
     "''": '""', "[1, 2]": "[1, 2]", "[]": "[]", "{}": "{}", "{'a': 1}": '{"a": 1}', "10**9": "1000000000",
     "10**30": "1" + "0" * 30, "5000 digits": "9" * 5000, "NaN": "NaN", "-Infinity": "-Infinity",
     "nested 200 deep": "[" * 200 + "]" * 200, "100,000 characters": json.dumps("x" * 100_000),
+    "a 100,000-character key": json.dumps({"k" * 100_000: float("nan")}),
 }
 # for the many fields of component configs and generation options (each value that passes costs a load and a run;
 # the values every field refuses alike, NaN, 10**30 and deep nesting, are tried on the top-level fields)

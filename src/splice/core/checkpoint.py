@@ -528,7 +528,9 @@ AGAIN = "save or download the folder again"
 
 def field_error(path: Path | str, field: str, message: str, *, given: object = None, expected: str = "",
                 fix: str = AGAIN, cls: type = CheckpointError) -> CheckpointError:
-    """One problem with one field of a metadata file: the file is the source, the field the problem's path."""
+    """One problem with one field of a metadata file: the file is the source, the field the problem's path (clipped:
+    the keys of a corrupted file can be any strings)."""
+    field = field if len(field) <= 120 else field[:100] + "..."
     return cls([Problem(field, message, given=given, expected=expected, fix=fix)], source=str(path))
 
 
@@ -577,7 +579,7 @@ def _check_json_values(path: Path, data: object) -> None:
                 raise field_error(path, where, "an integer beyond 64 bits", given=value,
                                   expected="an integer that fits 64 bits")
         if isinstance(value, (dict, list)) and depth >= JSON_DEPTH:
-            raise field_error(path, short(where, 60)[1:-1], f"nested deeper than {JSON_DEPTH} levels", given=value,
+            raise field_error(path, where, f"nested deeper than {JSON_DEPTH} levels", given=value,
                               expected="checkpoint metadata (a few levels deep)")
         todo.extend((w, v, depth + 1) for w, v in items)
 
