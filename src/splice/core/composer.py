@@ -270,7 +270,8 @@ def _placed(exc: SpliceError, path: str) -> list[Problem]:
     out = []
     for p in exc.problems:
         fix = p.fix or ("" if "fix:" in p.message else "see the message")
-        out.append(Problem(p.path or path, p.message, given=p.given, expected=p.expected, fix=fix, error=p.error))
+        message = f"{exc.source}: {p.message}" if exc.source else p.message
+        out.append(Problem(p.path or path, message, given=p.given, expected=p.expected, fix=fix, error=p.error))
     return out
 
 

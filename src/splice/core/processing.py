@@ -124,6 +124,8 @@ class ImageProcessor:
     def from_folder(cls, folder: Path) -> "ImageProcessor | None":
         f = Path(folder) / FILE
         if not f.is_file():
+            if f.exists() or f.is_symlink():  # a folder, a FIFO, a dangling link where the file should be
+                raise CheckpointError(f"{f}: not a regular file\n    fix: save the processor again, or delete it")
             return None
         return cls.from_dict(_read_config(f), source=str(f))
 
