@@ -63,3 +63,26 @@ def test_schema(capsys):
     assert schema["title"] == "CompositionSpec"
     assert {"encoder", "decoder", "cross_attention", "projection", "tokens", "freeze"} <= set(schema["properties"])
     assert schema["additionalProperties"] is False
+
+
+def test_train_flags_are_the_training_config(capsys):
+    """`splice train`'s setting flags are generated from TrainConfig: each is a field, with its help and type."""
+    import pytest
+
+    from splice.cli import _parser
+    from splice.train import TrainConfig
+
+    settings = ["max_steps", "max_minutes", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
+                "schedule", "weight_decay", "grad_clip", "precision", "eval_every", "eval_size", "save_every",
+                "save_minutes", "log_every", "seed", "threads", "device", "workers"]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for name in settings + ["out", "resume", "overwrite"]:
+        assert "--" + name.replace("_", "-") in text
+    args = _parser().parse_args(["train", "m", "--data", "shapes", "--out", "o", "--lr", "0.5", "--seed", "3",
+                                 "--schedule", "linear", "--device", "cpu"])
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    assert given == {"out": "o", "lr": 0.5, "seed": 3, "schedule": "linear", "device": "cpu", "resume": False,
+                     "overwrite": False}
+    assert all(getattr(args, name) is None for name in settings if name not in given)

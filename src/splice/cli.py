@@ -284,6 +284,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub) -> None:
+    from splice.train.config import flags
+
     p = sub.add_parser("train", help="train a spec or a saved model on captioned images (Ctrl-C saves a checkpoint)")
     p.add_argument("model", help="a spec (YAML/JSON or preset) or a saved model folder")
     p.add_argument("--data", required=True, help="'shapes' (synthetic), an imagefolder folder, or a .jsonl of {image, text}")
@@ -291,29 +293,8 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoint/, model/")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that holds an earlier run")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps, >= 0")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop when this time is spent, > 0")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch per step, 1 to 65536 (default 32)")
-    p.add_argument("--grad-accum", type=int, default=None,
-                   help="micro-batches per step, >= 1, dividing the batch size (default 1)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate, > 0 (default 1e-4)")
-    p.add_argument("--min-lr-ratio", type=float, default=None, help="the schedule ends at lr x this, 0 to 1 (default 0)")
-    p.add_argument("--warmup-steps", type=int, default=None, help=">= 0 (default 50)")
-    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=None)
-    p.add_argument("--weight-decay", type=float, default=None, help=">= 0 (default 0.01)")
-    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm, >= 0 (default 1.0; 0: none)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
-    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations, >= 0 (0: only at the end)")
-    p.add_argument("--eval-size", type=int, default=None, help="evaluation samples, >= 0 (default 500)")
-    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints, >= 0 (0: by time only)")
-    p.add_argument("--save-minutes", type=float, default=None,
-                   help="minutes between checkpoints, >= 0 (default 15; 0: by steps only)")
-    p.add_argument("--log-every", type=int, default=None, help="steps between metrics lines, >= 1 (default 10)")
-    p.add_argument("--seed", type=int, default=None, help="0 to 2**32-1 (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, 1 to 1024")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda or cuda:N, a device this machine has (default: cuda when present)")
-    p.add_argument("--workers", type=int, default=None, help="data-loading processes, 0 to 64 (default 0)")
+    for option, keywords in flags():  # one per TrainConfig setting, with its help and bound
+        p.add_argument(option, **keywords)
     p.add_argument("--tokenizer", default=None, help="tokenizer.json for a model without one (its ids must fit the decoder)")
     p.add_argument("--freeze", nargs="+", choices=["encoder", "decoder", "cross_attention", "projection"],
                    default=None, help="freeze these parts too (the spec's freeze list always applies)")

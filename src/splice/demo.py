@@ -69,10 +69,8 @@ def run(spec: str | dict | None = None, out: str = "out/demo", *, minutes: float
         seed: int = 0, target: float = TARGET, eval_size: int = 500, progress: bool = True) -> int:
     """Train, evaluate, save, reload, caption, draw. Returns 0 (the accuracy is reported, not enforced)."""
     import splice
-    from splice.caption import caption
-    from splice.core.processing import ImageProcessor
-    from splice.synthetic import ShapesData, build_tokenizer
-    from splice.train import TrainConfig, evaluate, train
+    from splice.synthetic import ShapesData
+    from splice.train import TrainConfig, train
 
     problems = check_settings(minutes=minutes, threads=threads, seed=seed, out=out)
     if problems:
@@ -86,12 +84,7 @@ def run(spec: str | dict | None = None, out: str = "out/demo", *, minutes: float
         p = out_dir / name
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
-    model = splice.compose(spec, seed=seed)
-    model.tokenizer = build_tokenizer()
-    pre = model.encoder.preprocessing
-    # the images are drawn at the encoder's size: inference resizes to it exactly (no crop), like training
-    model.image_processor = ImageProcessor(size={"height": pre.image_size[0], "width": pre.image_size[1]},
-                                           image_mean=tuple(pre.mean), image_std=tuple(pre.std))
+    model = _compose(spec, seed)
     where = spec if isinstance(spec, str) else "the built-in demo spec"
     print(f"splice demo: a {model.num_parameters() / 1e6:.2f} M-parameter captioner ({where}) trained from scratch "
           f"on synthetic shapes, {torch.get_num_threads()} CPU threads, {minutes:g} minutes", flush=True)
@@ -103,17 +96,46 @@ def run(spec: str | dict | None = None, out: str = "out/demo", *, minutes: float
     print(f"trained {result.step:,} steps ({result.samples:,} images) in {_clock(result.elapsed_s)}", flush=True)
 
     data = ShapesData.for_model(model, seed=seed)
+    _report_accuracy(model, data, eval_size, target)
+    saved = out_dir / "model"
+    loaded = splice.load(saved)
+    files = ", ".join(sorted(p.name for p in saved.iterdir()))
+    print(f"saved {saved}/ ({files}) and loaded it back")
+    _caption_heldout(loaded, data, out_dir)
+    print(f"done in {_clock(time.perf_counter() - t_start)}")
+    return 0
+
+
+def _compose(spec: str | dict, seed: int):
+    """The untrained captioner with the shapes tokenizer and an image processor at the encoder's size."""
+    import splice
+    from splice.core.processing import ImageProcessor
+    from splice.synthetic import build_tokenizer
+
+    model = splice.compose(spec, seed=seed)
+    model.tokenizer = build_tokenizer()
+    pre = model.encoder.preprocessing
+    # the images are drawn at the encoder's size: inference resizes to it exactly (no crop), like training
+    model.image_processor = ImageProcessor(size={"height": pre.image_size[0], "width": pre.image_size[1]},
+                                           image_mean=tuple(pre.mean), image_std=tuple(pre.std))
+    return model
+
+
+def _report_accuracy(model, data, eval_size: int, target: float) -> None:
+    """Exact match on the held-out images, in all and per kind of caption (single, count, relation)."""
+    from splice.train import evaluate
+
     ev = evaluate(model, data, n=eval_size, batch_size=100, examples=0)
     verdict = "reached" if ev["exact_match"] >= target else "not reached"
     print(f"held-out exact match: {ev['exact_match']:.1%} of {ev['n']} images (target {target:.0%}: {verdict})")
     print("  " + "   ".join(f"{cat} {r['exact_match']:.1%} ({r['n']})" for cat, r in ev["by_category"].items()))
 
-    saved = out_dir / "model"
-    loaded = splice.load(saved)
-    files = ", ".join(sorted(p.name for p in saved.iterdir()))
-    print(f"saved {saved}/ ({files}) and loaded it back")
 
+def _caption_heldout(loaded, data, out_dir: Path) -> None:
+    """Held-out images written as PNGs, captioned from those files by the reloaded model, drawn into a grid."""
     from PIL import Image
+
+    from splice.caption import caption
 
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -132,8 +154,6 @@ def run(spec: str | dict | None = None, out: str = "out/demo", *, minutes: float
     grid = out_dir / "captions.png"
     draw_grid([Image.open(p).convert("RGB") for p in paths], [(pred, ref) for _, pred, ref in rows], grid)
     print(f"grid: {grid}")
-    print(f"done in {_clock(time.perf_counter() - t_start)}")
-    return 0
 
 
 def _font(size: int):
