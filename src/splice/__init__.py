@@ -59,7 +59,7 @@ def load(path, *, dtype=None, strict: bool = True, revision: str | None = None, 
 
     ``strict`` (the default) fails on any missing, unexpected or non-finite weight; ``strict=False`` lists them
     in ``model.loading_report``. ``verify=False`` skips the SHA-256 check of a splice folder's files."""
-    from splice.core.checkpoint import load as _load
+    from splice.core.loading import load as _load
 
     return _load(path, dtype=dtype, strict=strict, revision=revision, verify=verify)
 

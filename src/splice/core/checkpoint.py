@@ -21,7 +21,6 @@ from torch import Tensor
 
 from splice.core.errors import CheckpointError, Problem, short
 from splice.core.files import describe_files, inside, verify_files, write_folder
-from splice.core.processing import ImageProcessor
 
 SPLICE_CONFIG = "splice.json"
 WEIGHTS = "model.safetensors"
@@ -408,7 +407,7 @@ def assign_weights(model, state: dict[str, Tensor], *, source: str, strict: bool
         init = fresh().state_dict()
         model.load_state_dict({k: init[k] for k in todo}, strict=False, assign=True)
         report.initialised = todo
-    from splice.core.composer import init_meta_buffers
+    from splice.core.meta import init_meta_buffers
 
     init_meta_buffers(model)
     if dtype is not None:
@@ -466,25 +465,6 @@ def _is_meta(model, name: str) -> bool:
     module = model.get_submodule(module_name) if module_name else model
     t = getattr(module, attr, None)
     return isinstance(t, Tensor) and t.device.type == "meta"
-
-
-def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, strict: bool = True, revision: str | None = None,
-         verify: bool = True):
-    """A model from a splice folder, a transformers VisionEncoderDecoder folder, or a hub repo id.
-
-    ``verify=False`` skips the SHA-256 check of a splice folder's files (sizes are still checked)."""
-    folder = resolve_folder(path, revision=revision)
-    if (folder / SPLICE_CONFIG).exists():
-        return _load_splice(folder, dtype=dtype, strict=strict, verify=verify)
-    config_file = folder / "config.json"
-    if config_file.exists():
-        from splice.core import transformers_format
-
-        return transformers_format.load_ved(folder, dtype=dtype, strict=strict)
-    raise CheckpointError(
-        f"{folder}: neither {SPLICE_CONFIG} (a splice folder) nor config.json (a transformers folder) is here\n"
-        "    fix: point at a folder written by model.save_pretrained or by transformers"
-    )
 
 
 def resolve_folder(path: str | os.PathLike, *, revision: str | None = None) -> Path:
@@ -602,7 +582,7 @@ def _kind_of(value: object) -> str:
             list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
-def _checked_splice_config(folder: Path, verify: bool) -> dict:
+def checked_splice_config(folder: Path, verify: bool) -> dict:
     """``splice.json``: its format, a version this splice reads, a resolved spec, and the files it lists."""
     path = folder / SPLICE_CONFIG
     config = read_json_mapping(path, what="a mapping with format: splice, a version and a spec")
@@ -667,7 +647,7 @@ def checked_generation(path: Path, data: object) -> dict:
     return data
 
 
-def _check_weights_metadata(weights: Path, meta: dict, version: int) -> None:
+def check_weights_metadata(weights: Path, meta: dict, version: int) -> None:
     if meta.get("format") != "splice" or meta.get("version") != str(version):
         raise CheckpointError(
             f"{weights}: its metadata says format {short(meta.get('format'))} version {short(meta.get('version'))}, "
@@ -675,7 +655,7 @@ def _check_weights_metadata(weights: Path, meta: dict, version: int) -> None:
             "    fix: the files do not belong together; save the model again")
 
 
-def _tied_aliases(meta: dict, tensors: dict, source: str) -> dict[str, str]:
+def tied_aliases(meta: dict, tensors: dict, source: str) -> dict[str, str]:
     try:
         tied = json.loads(meta.get("tied", "{}"))
     except (ValueError, RecursionError):
@@ -691,32 +671,6 @@ def _tied_aliases(meta: dict, tensors: dict, source: str) -> dict[str, str]:
             raise CheckpointError(f"{source}: metadata ties {short(alias)} to {short(original)}, which is not in "
                                   "the file\n    fix: save the model again")
     return tied
-
-
-def _load_splice(folder: Path, *, dtype, strict: bool, verify: bool = True):
-    """A splice folder: every metadata file and the weights' header are checked before anything is built."""
-    from splice.core.composer import assemble, validate
-
-    config = _checked_splice_config(folder, verify)
-    gen_file = folder / GENERATION
-    generation = checked_generation(gen_file, read_json(gen_file)) if gen_file.exists() else {}
-    weights = folder / WEIGHTS
-    tensors, meta = read_safetensors(weights)
-    _check_weights_metadata(weights, meta, config["version"])
-    for alias, original in _tied_aliases(meta, tensors, str(weights)).items():
-        tensors[alias] = tensors[original]
-    plan = validate(config["spec"])
-    if not plan.ok:  # e.g. the plugin that provides a component is not installed here
-        from splice.core.errors import error_for
-
-        raise error_for(plan.problems, source=str(folder / SPLICE_CONFIG))
-    model = plan.meta_model
-    model.loading_report = assign_weights(model, tensors, source=str(weights), strict=strict, dtype=dtype,
-                                          fresh=lambda: assemble(plan), config=SPLICE_CONFIG)
-    model.generation_defaults = generation
-    model.tokenizer = load_tokenizer(folder)
-    model.image_processor = ImageProcessor.from_folder(folder)
-    return model.eval()
 
 
 def load_tokenizer(folder: Path):

@@ -9,77 +9,19 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from torch import nn
 
+from splice.core.configs import checked_config, placed, plugin_fault
 from splice.core.errors import Problem, Shown, SpliceError, clip, error_for, unknown_problem
+from splice.core.meta import params_on_meta
 from splice.core.models import EncoderDecoderModel
 from splice.core.plugins import get_registry
 from splice.core.registry import Entry, Registry
-from splice.core.spec import CompositionSpec, parse_spec, problems_from_validation
-
-
-@contextlib.contextmanager
-def params_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device; buffers stay real.
-
-    Buffers are small and often computed in ``__init__`` (relative position indices, masks), so keeping them
-    real means a meta-built module only needs its parameters assigned to be complete.
-    """
-    original = nn.Module.register_parameter
-
-    def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            p = module._parameters[name]
-            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = register_parameter
-    # random initialisation of a meta tensor computes nothing, but torch runs it through its Python reference
-    # kernels (most of validate's time); skip it for meta tensors
-    own = {name: torch.Tensor.__dict__.get(name) for name in _RANDOM_INIT}  # None: inherited from the C base
-    for name in _RANDOM_INIT:
-        setattr(torch.Tensor, name, _skip_on_meta(getattr(torch.Tensor, name)))
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-        for name, method in own.items():
-            if method is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, method)
-
-
-_RANDOM_INIT = ("normal_", "uniform_", "erfinv_", "clamp_", "mul_", "add_", "bernoulli_", "exponential_", "log_normal_")
-
-
-def _skip_on_meta(method: Any) -> Any:
-    def init(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self if self.is_meta else method(self, *args, **kwargs)
-
-    return init
-
-
-def init_meta_buffers(model: nn.Module) -> None:
-    """Recompute buffers that were derived from meta parameters, once the parameters are real.
-
-    Uses timm's convention: a module whose non-persistent buffers depend on its parameters' device offers
-    ``init_non_persistent_buffers()`` (timm's Swin block calls it ``_init_buffers``).
-    """
-    for name, module in model.named_modules():
-        if any(b is not None and b.device.type == "meta" for b in module.buffers(recurse=False)):
-            init = getattr(module, "init_non_persistent_buffers", None) or getattr(module, "_init_buffers", None)
-            if init is None:
-                raise SpliceError(
-                    f"module {name!r} ({type(module).__name__}) has buffers on the meta device and no "
-                    "init_non_persistent_buffers() to recompute them\n"
-                    "    fix: in the plugin, compute such buffers in init_non_persistent_buffers()"
-                )
-            init()
+from splice.core.spec import CompositionSpec, parse_spec
 
 
 @dataclass
@@ -224,7 +166,7 @@ def _resolve_part(role: str, spec_part, registry: Registry, problems: list[Probl
         try:
             implied = source_config(entry, weights)
         except SpliceError as exc:
-            problems.extend(_placed(exc, f"{role}.pretrained"))
+            problems.extend(placed(exc, f"{role}.pretrained"))
             return None
         except (OSError, ValueError) as exc:  # a name the file system refuses, a NUL byte
             problems.append(Problem(f"{role}.pretrained", f"cannot read this source: {clip(str(exc), 200)}",
@@ -235,44 +177,6 @@ def _resolve_part(role: str, spec_part, registry: Registry, problems: list[Probl
             values = {**implied, **dict(spec_part.config)}  # the checkpoint's config, then the spec's overrides
     config = checked_config(entry, values, f"{role}.config", problems)
     return None if config is None else Part(role, name, entry, config, preset, spec_part.pretrained, weights)
-
-
-def checked_config(entry: Entry, values: Any, path: str, problems: list[Problem]) -> BaseModel | None:
-    """``entry.config_cls`` validated from ``values``; every failure becomes a Problem at ``path``.
-
-    A validator that raises anything but pydantic's own errors is a fault of the plugin, and is reported so."""
-    try:
-        return entry.config_cls.model_validate(values)
-    except ValidationError as exc:
-        problems.extend(problems_from_validation(exc, prefix=path, model=entry.config_cls,
-                                                 describe=f"`splice describe {entry.name}`"))
-    except SpliceError as exc:
-        problems.extend(_placed(exc, path))
-    except Exception as exc:  # noqa: BLE001 - a plugin's validator broke; say whose
-        problems.append(plugin_fault(entry, path, "its config class", exc))
-    return None
-
-
-def plugin_fault(entry: Entry, path: str, where: str, exc: BaseException) -> Problem:
-    """A Problem for an exception a plugin raised where it should have returned or raised a SpliceError."""
-    return Problem(
-        path,
-        f"{entry.kind} {entry.name!r} from plugin {entry.plugin!r} failed in {where}: "
-        f"{type(exc).__name__}: {clip(str(exc), 300)}",
-        expected="a built component, or a SpliceError naming the problem",
-        fix=f"report this to the author of plugin {entry.plugin!r}, or pick another {entry.kind}; "
-        f"SPLICE_DISABLE_PLUGINS={entry.plugin} switches it off",
-    )
-
-
-def _placed(exc: SpliceError, path: str) -> list[Problem]:
-    """The problems of a SpliceError, each given ``path`` when it had none, and a fix line when it had none."""
-    out = []
-    for p in exc.problems:
-        fix = p.fix or ("" if "fix:" in p.message else "see the message")
-        message = f"{exc.source}: {p.message}" if exc.source else p.message
-        out.append(Problem(p.path or path, message, given=p.given, expected=p.expected, fix=fix, error=p.error))
-    return out
 
 
 def _is_timm_model(name: str) -> bool:
@@ -365,7 +269,7 @@ def _build_parts(plan: Plan) -> tuple[nn.Module, nn.Module] | None:
         try:
             module = part.entry.builder(part.config)
         except SpliceError as exc:
-            plan.problems.extend(_placed(exc, f"{part.role}.config"))
+            plan.problems.extend(placed(exc, f"{part.role}.config"))
             continue
         except Exception as exc:  # noqa: BLE001 - a plugin's builder broke; say whose
             plan.problems.append(plugin_fault(part.entry, f"{part.role}.name", "its builder", exc))
@@ -514,7 +418,7 @@ def _plugin_call(plan: Plan, entry: Entry, path: str, fn: Any) -> Any:
     try:
         return fn()
     except SpliceError as exc:
-        plan.problems.extend(_placed(exc, path))
+        plan.problems.extend(placed(exc, path))
     except Exception as exc:  # noqa: BLE001 - a plugin's builder broke; say whose
         plan.problems.append(plugin_fault(entry, path, "its builder", exc))
     return None

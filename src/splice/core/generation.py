@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from splice.core.errors import InputError, Problem
-from splice.core.models import check_mask, check_token_ids
+from splice.core.inputs import check_mask, check_token_ids
 
 __all__ = ["GenerationSettings", "KVCache", "generate", "resolve_settings"]
 

@@ -70,7 +70,7 @@ def source_config(entry, source: str) -> dict | None:
     cfg_file = (where if where.is_dir() else where.parent) / "config.json"
     if not cfg_file.exists():
         return None
-    from splice.core.composer import checked_config
+    from splice.core.configs import checked_config
     from splice.core.transformers_format import part_config_from_hf
 
     try:

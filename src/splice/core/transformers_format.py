@@ -11,15 +11,10 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from splice.core.checkpoint import (LazyTensors, assign_weights, checked_generation, field_error, lazy_weights,
-                                    load_tokenizer, map_from_hf, read_json, read_json_mapping, shown_names,
-                                    weights_file)
+from splice.core.checkpoint import LazyTensors, checked_generation, field_error, map_from_hf, read_json_mapping
 from splice.core.errors import CheckpointError, ConfigError, Problem, short
 from splice.core.files import write_folder
 from splice.core.plugins import get_registry
-from splice.core.processing import ImageProcessor
 
 VED_MODEL_TYPE = "vision-encoder-decoder"
 # what export_ved writes: a folder holding only these (and config.json) may be replaced by a new export
@@ -164,42 +159,7 @@ def _type_name(ref: object) -> str:
     return {str: "a string", dict: "a mapping"}.get(type(ref), type(ref).__name__)
 
 
-def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = True):
-    """A transformers VisionEncoderDecoder folder: config.json, generation_config.json and the weights' headers
-    are checked before anything is built."""
-    from splice.core.composer import assemble, validate
-
-    config_file = folder / "config.json"
-    config = read_json(config_file)
-    spec, generation = spec_from_ved_config(config, source=str(config_file))
-    gen_file = folder / "generation_config.json"
-    if gen_file.exists():
-        generation.update(_generation_options(gen_file))
-    source = str(weights_file(folder))
-    tensors = lazy_weights(folder)  # read one tensor at a time, so converted originals are freed as we go
-    plan = validate(spec)
-    if not plan.ok:
-        raise ConfigError(plan.problems, source=f"{config_file} (as a splice spec)")
-    model = plan.meta_model
-    state, unused, unexpected, notes = _split_state(source, tensors, plan, config)
-    if strict and unexpected:
-        raise CheckpointError(
-            f"{source}: {len(unexpected)} tensor(s) have no place in the model that config.json "
-            f"describes: {shown_names(sorted(unexpected), 10)}\n"
-            "    fix: check that config.json and the weights belong together (a layer count, a size), or load "
-            "with strict=False, which lists them as unexpected")
-    model.loading_report = assign_weights(
-        model, state, source=source, strict=strict, dtype=dtype, unused=unused, fresh=lambda: assemble(plan),
-        config="config.json")
-    model.loading_report.notes = notes + model.loading_report.notes
-    model.loading_report.unexpected = sorted(set(model.loading_report.unexpected) | set(unexpected))
-    model.generation_defaults = generation
-    model.tokenizer = load_tokenizer(folder)
-    model.image_processor = ImageProcessor.from_folder(folder)
-    return model.eval()
-
-
-def _generation_options(gen_file: Path) -> dict:
+def generation_options(gen_file: Path) -> dict:
     """The options of a ``generation_config.json`` that ``generate`` takes (transformers writes many more)."""
     from splice.core.generation import GENERATION_OPTIONS
 
@@ -207,7 +167,7 @@ def _generation_options(gen_file: Path) -> dict:
     return checked_generation(gen_file, {k: gen[k] for k in GENERATION_OPTIONS if gen.get(k) is not None})
 
 
-def _split_state(source: str, tensors, plan, config: dict) -> tuple[dict, list[str], list[str], list[str]]:
+def split_state(source: str, tensors, plan, config: dict) -> tuple[dict, list[str], list[str], list[str]]:
     """(state in splice's names, unused, unexpected, notes): each role's tensors through its plugin's mapping."""
     state, unused, unexpected, notes = {}, [], [], []
     for name in tensors:
