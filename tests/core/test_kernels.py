@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
+import warnings
 
 import pytest
 import torch
@@ -13,9 +15,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from splice.core import kernels
-from splice.core.kernels import Linear, linear, use_fast_linear, use_stock_linear
+from splice.core.kernels import KernelFallbackWarning, Linear, linear, use_fast_linear, use_stock_linear
 
-pytestmark = pytest.mark.skipif(not kernels.FAST_LINEAR, reason="this torch build has no oneDNN linear")
+pytestmark = [pytest.mark.skipif(not kernels.FAST_LINEAR, reason="this torch build has no oneDNN linear"),
+              # on the real torch the fast path never falls back: a fallback here is a bug, not a slow-down
+              pytest.mark.filterwarnings("error::splice.core.kernels.KernelFallbackWarning")]
 
 BIG = (640, 512)  # (out, in): above the size from which oneDNN takes over
 SMALL = (96, 64)
@@ -199,3 +203,135 @@ def test_use_stock_linear_lets_dynamic_quantization_find_the_layers():
     assert type(quantized[0]).__module__.startswith("torch.ao.nn.quantized")
     with torch.no_grad():
         assert (quantized(x) - want).abs().max().item() < 0.1 * want.abs().max().item()
+
+
+# --- the seam: a torch whose private APIs are missing or changed (simulated) falls back to F.linear, once ---
+
+
+def _close(a, b) -> bool:
+    return a.shape == b.shape and (a - b).abs().max().item() <= 1e-4
+
+
+def _matches_f_linear():
+    """``linear`` and ``Linear`` against ``F.linear``: inference, and a training step's output and gradients."""
+    x, w, b = _operands(BIG)
+    with torch.inference_mode():
+        for rows in ((1, 1), (3, 5)):
+            xr = torch.randn(*rows, BIG[1])
+            assert _close(linear(xr, w, b), F.linear(xr, w, b)) and _close(linear(xr, w), F.linear(xr, w))
+    grads = []
+    for fn in (linear, F.linear):
+        xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+        out = fn(xs, ws, bs)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append((out.detach(), xs.grad, ws.grad, bs.grad))
+    assert all(_close(a, b) for a, b in zip(*grads))
+    layer, stock = Linear(*reversed(BIG)), nn.Linear(*reversed(BIG))
+    stock.load_state_dict(layer.state_dict())
+    for m in (layer, stock):
+        m(x).square().sum().backward()
+    assert _close(layer.weight.grad, stock.weight.grad) and _close(layer.bias.grad, stock.bias.grad)
+
+
+def _runs_onednn() -> bool:
+    x, w, b = _operands(BIG)
+    with torch.inference_mode():
+        return "mkldnn::_linear_pointwise" in _ops(lambda: linear(x, w, b))
+
+
+@pytest.fixture
+def other_torch(monkeypatch):
+    """``monkeypatch`` for simulating another torch; afterwards the real APIs are resolved again: fast path back."""
+    yield monkeypatch
+    monkeypatch.undo()
+    kernels._reset_for_tests()
+    assert kernels.FAST_LINEAR and _runs_onednn()
+
+
+def _without_op(mp):
+    mp.setattr(torch.ops, "mkldnn", types.SimpleNamespace())  # torch.ops.mkldnn._linear_pointwise: AttributeError
+
+
+def _op_with_new_signature(mp):
+    def _linear_pointwise(x, w, b, attr):  # a release that dropped two arguments
+        raise AssertionError("never reached: the call has the old argument count")
+
+    mp.setattr(torch.ops, "mkldnn", types.SimpleNamespace(_linear_pointwise=_linear_pointwise))
+
+
+SIMULATED_AT_IMPORT = {
+    "op-missing": (_without_op, "torch.ops.mkldnn._linear_pointwise"),
+    "op-signature-changed": (_op_with_new_signature, "torch.ops.mkldnn._linear_pointwise"),
+    "functorch-check-missing": (lambda mp: mp.delattr(torch._C, "_are_functorch_transforms_active"),
+                                "torch._C._are_functorch_transforms_active"),
+    "forward-ad-level-missing": (lambda mp: mp.delattr(kernels._forward_ad, "_current_level"),
+                                 "torch.autograd.forward_ad._current_level"),
+}
+
+
+@pytest.mark.parametrize("simulate", list(SIMULATED_AT_IMPORT))
+def test_a_missing_or_changed_private_api_falls_back_with_one_warning(simulate, other_torch):
+    patch, api = SIMULATED_AT_IMPORT[simulate]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a second warning would be recorded, not swallowed
+        with other_torch.context() as mp:  # torch itself needs some of them (backward reads the functorch check):
+            patch(mp)  # missing only while splice resolves them, as when importing splice under that torch
+            kernels._reset_for_tests()
+        assert not kernels.FAST_LINEAR
+        for _ in range(3):
+            _matches_f_linear()
+    assert [type(w.message) for w in caught] == [KernelFallbackWarning]
+    message = str(caught[0].message)
+    assert api in message and torch.__version__ in message
+    assert "results are unchanged" in message and "SPLICE_FAST_LINEAR=0" in message
+
+
+def test_an_op_that_raises_when_called_recomputes_with_f_linear(other_torch):
+    calls = []
+
+    def changed(*args):
+        calls.append(1)
+        raise TypeError("_linear_pointwise(): argument 'attr' must be int, not str")
+
+    other_torch.setattr(kernels, "_ONEDNN_LINEAR", changed)  # resolved fine, fails when called
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            _matches_f_linear()
+    assert [type(w.message) for w in caught] == [KernelFallbackWarning]
+    assert "TypeError" in str(caught[0].message) and "attr" in str(caught[0].message)
+    assert not kernels.FAST_LINEAR and len(calls) == 1  # off for the rest of the process after the first failure
+
+
+def test_an_op_that_raises_in_backward_only_recomputes_the_gradients(other_torch):
+    real = kernels._ONEDNN_LINEAR
+
+    def fails_on_views(x, w, b, *rest):  # the backward passes transposed views; the forward does not
+        if not w.is_contiguous():
+            raise RuntimeError("mkldnn::_linear_pointwise: weight must be contiguous")
+        return real(x, w, b, *rest)
+
+    other_torch.setattr(kernels, "_ONEDNN_LINEAR", fails_on_views)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _matches_f_linear()
+        _matches_f_linear()
+    assert [type(w.message) for w in caught] == [KernelFallbackWarning]
+    assert "RuntimeError" in str(caught[0].message) and not kernels.FAST_LINEAR
+
+
+def test_an_error_f_linear_raises_too_stands_and_keeps_the_fast_path():
+    x, w, _ = _operands(BIG)
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        linear(x[..., :-1], w)  # shapes that do not multiply: the input's fault, not the op's
+    assert kernels.FAST_LINEAR and _runs_onednn()  # and no warning: the module's filter makes one an error
+
+
+def test_the_environment_switch_silences_the_fallback(other_torch):
+    _without_op(other_torch)
+    other_torch.setenv("SPLICE_FAST_LINEAR", "0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernels._reset_for_tests()
+        _matches_f_linear()
+    assert caught == [] and not kernels.FAST_LINEAR
