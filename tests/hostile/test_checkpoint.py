@@ -402,18 +402,21 @@ def test_splice_json(run_cases, bases):
 
 
 def splice_generation_cases(base: Path) -> list[Case]:
-    from splice.core.generation import GENERATION_OPTIONS
-
     cases = []
     for name in ("generation.json", "preprocessor_config.json"):
         original = (base / name).read_bytes()
         cases += file_cases(name, original, json_file=True)
         cases += [Case(f"{c.name} (as copied)", c.corrupt, c.file, also=("splice.json",), rerecord=False)
                   for c in file_cases(name, original, json_file=True)[::6]]
-    for option in GENERATION_OPTIONS:
-        cases += [Case(f"generation.json: {option} = {label}", _set_field("generation.json", (option,), VALUES[label]),
-                       "generation.json") for label in OPTION_VALUES]
-    return cases
+    return cases + option_cases("generation.json")
+
+
+def option_cases(file: str) -> list[Case]:
+    """Each generation option of ``file`` set to each hostile value."""
+    from splice.core.generation import GENERATION_OPTIONS
+
+    return [Case(f"{file}: {option} = {label}", _set_field(file, (option,), VALUES[label]), file)
+            for option in GENERATION_OPTIONS for label in OPTION_VALUES]
 
 
 def test_splice_generation_and_preprocessor(run_cases, bases):
@@ -484,16 +487,10 @@ def test_ved_config(run_cases, bases):
 
 
 def ved_generation_cases(base: Path) -> list[Case]:
-    from splice.core.generation import GENERATION_OPTIONS
-
     cases = []
     for name in ("generation_config.json", "preprocessor_config.json", "tokenizer.json"):
         cases += file_cases(name, (base / name).read_bytes(), json_file=True)
-    for option in GENERATION_OPTIONS:
-        cases += [Case(f"generation_config.json: {option} = {label}",
-                       _set_field("generation_config.json", (option,), VALUES[label]), "generation_config.json")
-                  for label in OPTION_VALUES]
-    return cases
+    return cases + option_cases("generation_config.json")
 
 
 def test_ved_generation_preprocessor_tokenizer(run_cases, bases):
