@@ -467,40 +467,6 @@ def _is_meta(model, name: str) -> bool:
     return isinstance(t, Tensor) and t.device.type == "meta"
 
 
-def resolve_folder(path: str | os.PathLike, *, revision: str | None = None) -> Path:
-    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
-    if not isinstance(text, str) or "\x00" in text or len(text) > 4096:
-        raise CheckpointError(f"cannot load {short(path)}: not a path\n    expected: a folder, or a hub repo id "
-                              "(owner/name)\n    fix: pass the folder that model.save_pretrained wrote")
-    p = Path(path)
-    try:
-        is_dir, exists = p.is_dir(), p.exists()
-    except OSError as exc:  # a name too long for the file system, a loop of links, no permission
-        raise CheckpointError(f"{short(str(path))}: cannot be used as a folder ({exc.strerror or exc})\n"
-                              "    fix: check the path") from None
-    if is_dir:
-        return p
-    if exists:
-        raise CheckpointError(f"{short(str(p), 300)}: expected a folder, got a file\n"
-                              "    fix: give the folder that holds it")
-    first = text.split("/")[0]
-    # `owner/name` is a hub repo id unless `owner` is a local folder (then it is a missing local path)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(first).is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:
-            # only what splice reads: not TensorFlow/Flax weights or other large extras
-            patterns = ["*.json", "*.safetensors", "*.txt", "pytorch_model*.bin", "*.model"]
-            return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
-        except Exception as exc:
-            raise CheckpointError(
-                f"{short(text)} is not a local folder and the hub could not provide it ({type(exc).__name__}: "
-                f"{short(str(exc), 300)})\n"
-                "    fix: check the path or repo id; offline, download it first (HF_HUB_OFFLINE=1 uses the cache)"
-            ) from None
-    raise CheckpointError(f"{short(str(p), 300)}: no such folder\n    fix: check the path")
-
-
 JSON_LIMIT = 64 << 20  # bytes: metadata is small; the shard index of a very large model is a few MB
 JSON_DEPTH = 64  # levels of nesting: no checkpoint's metadata comes near it
 AGAIN = "save or download the folder again"

@@ -15,11 +15,12 @@ import torch
 
 from splice.core.checkpoint import (GENERATION, SPLICE_CONFIG, WEIGHTS, LoadReport, check_weights_metadata,
                                     checked_splice_config, tied_aliases, assign_weights, checked_generation,
-                                    lazy_weights, load_tokenizer, read_json, read_safetensors, resolve_folder,
+                                    lazy_weights, load_tokenizer, read_json, read_safetensors,
                                     shown_names, weights_file)
 from splice.core.composer import assemble, validate
-from splice.core.errors import CheckpointError, ConfigError, error_for
+from splice.core.errors import CheckpointError, ConfigError, error_for, short
 from splice.core.processing import ImageProcessor
+from splice.core.sources import fetch, parse
 from splice.core.transformers_format import generation_options, split_state, spec_from_ved_config
 
 
@@ -37,6 +38,17 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, strict: b
         f"{folder}: neither {SPLICE_CONFIG} (a splice folder) nor config.json (a transformers folder) is here\n"
         "    fix: point at a folder written by model.save_pretrained or by transformers"
     )
+
+
+def resolve_folder(path: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """The folder a ``load`` reads: a local folder, or the hub snapshot of ``owner/name[@revision]``."""
+    source = parse(path, revision=revision, what="cannot load")
+    if source.path is not None and not source.path.is_dir():
+        raise CheckpointError(f"{short(source.text, 300)}: expected a folder, got a file\n"
+                              "    fix: give the folder that holds it")
+    if source.path is None and source.repo is None:
+        raise CheckpointError(f"{short(source.text, 300)}: no such folder\n    fix: check the path")
+    return fetch(source, what="cannot load")
 
 
 def load_splice(folder: Path, *, dtype, strict: bool, verify: bool = True):

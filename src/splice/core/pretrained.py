@@ -9,7 +9,6 @@ names; the layout that places the most tensors wins. Downloads go through huggin
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,53 +17,23 @@ from torch import Tensor
 from splice.core.checkpoint import (LoadReport, clip_name, dtype_kind, map_from_hf, read_json_mapping,
                                     read_safetensors, read_weights, weights_file)
 from splice.core.errors import CheckpointError, ConfigError, SpliceError
-
-_ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin"]
-
-
-def split_revision(source: str) -> tuple[str, str | None]:
-    if "@" in source and not os.path.exists(source):
-        repo, _, rev = source.partition("@")
-        return repo, rev or None
-    return source, None
-
-
-def _looks_like_repo(source: str) -> bool:
-    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not os.path.exists(source)
-
+from splice.core.sources import fetch, parse
 
 def locate(source: str, *, config_only: bool = False) -> Path:
-    """A local path for a source: the path itself, or the hub snapshot (config.json alone when ``config_only``)."""
-    path = Path(os.path.expanduser(source))
-    if path.exists():
-        return path
-    repo, revision = split_revision(source)
-    if not _looks_like_repo(repo):
-        raise CheckpointError(f"pretrained source {source!r}: no such file or folder\n    fix: check the path")
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    try:
-        if config_only:
-            return Path(hf_hub_download(repo, "config.json", revision=revision)).parent
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=_ALLOW))
-    except Exception as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = ("it is not in the local cache (HF_HUB_OFFLINE is set)" if offline
-                else "the hub could not be reached or has no such repo")
-        raise CheckpointError(
-            f"pretrained source {source!r}: {hint} ({type(exc).__name__})\n"
-            "    fix: check the repo id, or download it once with network access (then HF_HUB_OFFLINE=1 works)"
-        ) from None
+    """A local path for a pretrained source: the path itself, or the hub snapshot (config.json alone when
+    ``config_only``)."""
+    return fetch(parse(source, what="pretrained source"), what="pretrained source", config_only=config_only)
 
 
 def source_config(entry, source: str) -> dict | None:
     """Config values a pretrained source implies for a component (its transformers config.json), or None."""
     if entry.hf is None:
         return None
+    parsed = parse(source, what="pretrained source")
     try:
-        where = locate(source, config_only=True)
+        where = fetch(parsed, what="pretrained source", config_only=True)
     except CheckpointError:
-        if Path(source).exists() or not _looks_like_repo(split_revision(source)[0]):
+        if parsed.repo is None:
             raise
         return None  # weights-only repos (no config.json): the spec's config stands
     cfg_file = (where if where.is_dir() else where.parent) / "config.json"
