@@ -423,15 +423,20 @@ def test_splice_generation_and_preprocessor(run_cases, bases):
     run_cases("splice", splice_generation_cases(bases["splice"]))
 
 
-def splice_weights_cases(base: Path) -> list[Case]:
+def weights_cases(base: Path, tensor: str, *, splice_meta: bool) -> tuple[list[Case], list[Case]]:
+    """(byte, header and tensor cases; whole-file cases) for a folder's model.safetensors."""
     original = (base / "model.safetensors").read_bytes()
     cases = safetensors_byte_cases("model.safetensors", original)
-    cases += safetensors_header_cases("model.safetensors", splice_meta=True)
-    cases += tensor_cases("model.safetensors", "decoder.ln_f.weight")
+    cases += safetensors_header_cases("model.safetensors", splice_meta=splice_meta)
+    cases += tensor_cases("model.safetensors", tensor)
+    return cases, file_cases("model.safetensors", original, json_file=False)
+
+
+def splice_weights_cases(base: Path) -> list[Case]:
+    cases, whole_file = weights_cases(base, "decoder.ln_f.weight", splice_meta=True)
     cases += [Case(f"{c.name} (as copied)", c.corrupt, c.file, also=("splice.json",), rerecord=False)
               for c in cases[::5] if c.expect != "ok"]
-    cases += file_cases("model.safetensors", original, json_file=False)
-    return cases
+    return cases + whole_file
 
 
 def test_splice_weights(run_cases, bases):
@@ -498,11 +503,8 @@ def test_ved_generation_preprocessor_tokenizer(run_cases, bases):
 
 
 def ved_weights_cases(base: Path) -> list[Case]:
-    original = (base / "model.safetensors").read_bytes()
-    cases = safetensors_byte_cases("model.safetensors", original)
-    cases += safetensors_header_cases("model.safetensors", splice_meta=False)
-    cases += tensor_cases("model.safetensors", "decoder.transformer.ln_f.weight")
-    return cases + file_cases("model.safetensors", original, json_file=False)
+    cases, whole_file = weights_cases(base, "decoder.transformer.ln_f.weight", splice_meta=False)
+    return cases + whole_file
 
 
 def test_ved_weights(run_cases, bases):
