@@ -140,7 +140,12 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-_ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in _DTYPES.items()}
+_ITEMSIZE = {name: dt.itemsize for name, dt in _DTYPES.items()}
+_ENTRY_EXPECTED = {
+    "dtype": f"one of {', '.join(_DTYPES)}",
+    "shape": "a list of sizes (integers >= 0)",
+    "data_offsets": "[begin, end], two integers with begin <= end",
+}
 
 
 HEADER_LIMIT = 100_000_000  # bytes: safetensors' own bound on a header
@@ -179,31 +184,27 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _is_count(x: object) -> bool:
+    return type(x) is int and 0 <= x < _INT64
+
+
 def _check_entry(path: Path, name: str, info: object, start: int, size: int, bad: str) -> None:
     """One tensor's header entry: a known dtype, a shape of non-negative ints, and a byte range that matches the
     shape and lies inside the file."""
-    def is_count(x: object) -> bool:
-        return type(x) is int and 0 <= x < _INT64
-
-    expected = {
-        "dtype": f"one of {', '.join(_DTYPES)}",
-        "shape": "a list of sizes (integers >= 0)",
-        "data_offsets": "[begin, end], two integers with begin <= end",
-    }
     if not isinstance(info, dict):
         wrong = "entry"
     elif not (isinstance(info.get("dtype"), str) and info["dtype"] in _DTYPES):
         wrong = "dtype"
-    elif not (isinstance(info.get("shape"), list) and all(is_count(d) for d in info["shape"])):
+    elif not (isinstance(info.get("shape"), list) and all(_is_count(d) for d in info["shape"])):
         wrong = "shape"
     else:
         offsets = info.get("data_offsets")
-        ok = (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))
+        ok = (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
               and offsets[0] <= offsets[1])
         wrong = None if ok else "data_offsets"
     if wrong:
         given = info if wrong == "entry" else info.get(wrong)
-        want = "{dtype, shape, data_offsets}" if wrong == "entry" else expected[wrong]
+        want = "{dtype, shape, data_offsets}" if wrong == "entry" else _ENTRY_EXPECTED[wrong]
         raise CheckpointError(f"{path}: tensor {short(name)}: the header's {wrong} is {short(given)}\n"
                               f"    expected: {want}{bad}")
     begin, end = info["data_offsets"]
@@ -385,7 +386,11 @@ def assign_weights(model, state: dict[str, Tensor], *, source: str, strict: bool
     # by name, not torch's unexpected_keys: torch passes over tensors under an empty module slot (a decoder layer
     # without cross-attention), which would drop them without a word
     report.unexpected = sorted(set(state) - set(expected))
-    report.nonfinite = sorted(k for k, t in state.items() if k in expected and _has_nonfinite(t))
+    checked: dict[int, bool] = {}  # by tensor: a tied alias is the same tensor, summed once
+    for k, t in state.items():
+        if k in expected and id(t) not in checked:
+            checked[id(t)] = _has_nonfinite(t)
+    report.nonfinite = sorted(k for k, t in state.items() if k in expected and checked[id(t)])
     result = model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
     new = set(expected_new)
     report.missing = sorted(k for k in result.missing_keys if k not in new and _is_meta(model, k))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from splice.core.errors import InputError, Problem
-from splice.core.inputs import check_mask, check_token_ids
+from splice.core.inputs import check_mask, check_token_ids, input_error
 
 __all__ = ["GenerationSettings", "KVCache", "generate", "resolve_settings"]
 
@@ -156,8 +156,7 @@ class GenerationSettings:
 
 
 def _bad(name: str, given: Any, expected: str, fix: str) -> InputError:
-    return InputError([Problem(f"generate({name}=...)", "invalid generation argument", given=given,
-                               expected=expected, fix=fix)])
+    return input_error(f"generate({name}=...)", "invalid generation argument", given=given, expected=expected, fix=fix)
 
 
 def _is_int(x: Any) -> bool:
@@ -458,7 +457,7 @@ def generate(
     Sequences that end early are padded with ``pad_token_id``. Sampling draws from ``generator`` (or a fresh
     one seeded with ``seed``), else from torch's global generator.
 
-    Inputs are checked as ``model.forward`` checks them (``splice.core.models.check_pixels``: fp16/bf16/fp64
+    Inputs are checked as ``model.forward`` checks them (``splice.core.inputs.check_pixels``: fp16/bf16/fp64
     pixels are cast, NaN/Inf pixels refused), and every option before anything is allocated: token ids must fit
     the vocabulary, numbers must be finite, num_beams <= vocab_size, and a search whose buffers would not fit in
     the device's free memory (at most ``MAX_DECODE_BYTES``) is refused (``_fit_memory``). Tensors must be on the

@@ -159,9 +159,13 @@ def check_token_ids(name: str, ids: Any, B: int, vocab: int, home: Tensor | None
         ids = ids.long()  # what cross_entropy and nn.Embedding read
     if _skip_values(ids):
         return ids, (0 if ids.numel() == 0 else None)
-    ignored = ids == ignore if ignore is not None else torch.zeros_like(ids, dtype=torch.bool)
-    lo, hi = torch.aminmax(ids.masked_fill(ignored, 0))
-    lo, hi, skipped = torch.stack((lo.long(), hi.long(), ignored.sum())).tolist()
+    if ignore is None:
+        lo, hi = torch.aminmax(ids)
+        (lo, hi), skipped = torch.stack((lo.long(), hi.long())).tolist(), 0
+    else:
+        ignored = ids == ignore
+        lo, hi = torch.aminmax(ids.masked_fill(ignored, 0))
+        lo, hi, skipped = torch.stack((lo.long(), hi.long(), ignored.sum())).tolist()
     if lo < 0 or hi >= vocab:
         raise input_error(name, f"holds token ids from {lo} to {hi}, outside the vocabulary (vocab_size={vocab})",
                      expected=want, fix="use the tokenizer that matches this decoder"

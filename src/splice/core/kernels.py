@@ -49,6 +49,8 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad as _forward_ad
 from torch.autograd.function import once_differentiable
 
+from splice.core.errors import clip
+
 __all__ = ["linear", "Linear", "use_fast_linear", "use_stock_linear", "dropout", "FAST_LINEAR",
            "KernelFallbackWarning"]
 
@@ -122,7 +124,7 @@ def _disable(api: str, why: Exception | str) -> None:
         return
     _warned = True
     if isinstance(why, Exception):
-        why = f"failed with {type(why).__name__}: {str(why)[:300]}"
+        why = f"failed with {type(why).__name__}: {clip(str(why))}"
     warnings.warn(KernelFallbackWarning(
         f"splice's fast CPU linear is off for the rest of this process: {api} {why} (torch {torch.__version__}). "
         "Every linear layer now runs through torch's F.linear: results are unchanged, only CPU speed is affected. "

@@ -178,8 +178,3 @@ def _loss(logits: Tensor, labels: Tensor, kept: int | None) -> Tensor:
             stacklevel=2,
         )
     return F.cross_entropy(flat, labels.flatten(), ignore_index=-100, reduction="sum")  # 0, still in the graph
-
-
-# ---- input checks -----------------------------------------------------------------------------------------
-
-

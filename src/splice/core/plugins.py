@@ -37,7 +37,7 @@ import pluggy
 from pydantic import BaseModel, ValidationError
 
 from splice.core import hookspecs
-from splice.core.errors import ConfigError, PluginError, Problem, SpliceError, short
+from splice.core.errors import ConfigError, PluginError, Problem, SpliceError, clip, short
 from splice.core.interfaces import HFInterop
 from splice.core.registry import DuplicateNameError, Entry, Registry
 
@@ -220,7 +220,7 @@ def _describe(exc: BaseException) -> str:
         text = " ".join(str(exc).split())
     except Exception:  # noqa: BLE001 - a hostile __str__
         text = "<a message that could not be rendered>"
-    text = text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
+    text = clip(text, MESSAGE_LIMIT)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -457,7 +457,7 @@ def _tiny_problem(tiny: Any) -> str | None:
 def _description(description: str | None, builder: Callable) -> str:
     text = description if description is not None else (getattr(builder, "__doc__", None) or "")
     line = text.strip().split("\n")[0] if isinstance(text, str) else ""
-    return line if len(line) <= DESCRIPTION_LIMIT else line[: DESCRIPTION_LIMIT - 3] + "..."
+    return clip(line, DESCRIPTION_LIMIT)
 
 
 # -- guarding builders and config classes ----------------------------------------------------------------------

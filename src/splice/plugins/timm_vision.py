@@ -21,7 +21,7 @@ from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from splice import HFInterop, hookimpl
-from splice.core.errors import CheckpointError, ConfigError, InputError, Problem, short
+from splice.core.errors import CheckpointError, ConfigError, InputError, Problem, clip, short
 from splice.core.interfaces import EncoderOutput, Preprocessing
 from splice.core.kernels import use_fast_linear
 from splice.plugins._shared import (
@@ -598,7 +598,7 @@ def _create_timm(cfg: TimmConfig, kwargs: dict[str, Any]) -> nn.Module:
     except Exception as e:  # noqa: BLE001 - timm checks its arguments with asserts, TypeErrors, ZeroDivision...
         raise ConfigError(
             [Problem("encoder.config.kwargs" if kwargs else "encoder.config.img_size",
-                     f"timm.create_model({cfg.model!r}) rejected them: {type(e).__name__}: {short(str(e), 300)}",
+                     f"timm.create_model({cfg.model!r}) rejected them: {type(e).__name__}: {clip(str(e))}",
                      given=kwargs or cfg.img_size, expected=f"arguments that timm's {cfg.model} accepts",
                      fix=f"check the signature of the {cfg.model} model class in timm")]
         ) from e
