@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from splice.core.errors import InputError, Problem, SpliceError, short
+from splice.core.errors import InputError, Problem, SpliceError, clip, short
 
 
 class UsageError(InputError):
@@ -232,7 +232,7 @@ def _read_tokenizer(path: str):
         raise
     except Exception as exc:  # OSError, UnicodeDecodeError, or the tokenizers library's own parse error
         raise InputError(f"--tokenizer: {short(path)}: not a tokenizer.json ({type(exc).__name__}: "
-                         f"{str(exc)[:200]})\n{fix}") from None
+                         f"{clip(str(exc), 200)})\n{fix}") from None
 
 
 def _parser() -> argparse.ArgumentParser:

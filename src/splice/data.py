@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from splice.core.errors import InputError, short
+from splice.core.errors import InputError, clip, short
 
 REASONS = ("missing file", "unreadable image", "empty text", "bad row")
 METADATA = "metadata.jsonl"
@@ -42,7 +42,7 @@ class BadRow:
     detail: str
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.detail if len(self.detail) <= 300 else self.detail[:297] + '...'}"
+        return f"{self.where}: {clip(self.detail, 300)}"
 
 
 @dataclass

@@ -147,8 +147,7 @@ def short(value: Any, limit: int = GIVEN_LIMIT) -> str:
     """
     out: list[str] = []
     _short_into(value, out, limit, depth=0)
-    text = "".join(out)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return clip("".join(out), limit)
 
 
 def _short_into(value: Any, out: list[str], limit: int, depth: int) -> None:

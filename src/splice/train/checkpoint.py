@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from splice.core.errors import CheckpointError, InputError
+from splice.core.errors import CheckpointError, InputError, clip
 from splice.train.config import TrainConfig, is_number
 
 CHECKPOINT = "checkpoint"
@@ -112,7 +112,7 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict[str, Tensor]]:
     try:
         return state, load_file(str(folder / OPTIMIZER))
     except Exception as exc:  # safetensors raises its own error types for a missing or corrupt file
-        raise CheckpointError(f"{folder / OPTIMIZER}: cannot be read ({type(exc).__name__}: {str(exc)[:200]})\n"
+        raise CheckpointError(f"{folder / OPTIMIZER}: cannot be read ({type(exc).__name__}: {clip(str(exc), 200)})\n"
                               "    fix: pass --overwrite to start again (the checkpoint is lost)") from None
 
 
@@ -143,7 +143,7 @@ def restore_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Op
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"{folder / STATE}: the optimizer or loop state does not fit this model and run "
-            f"({type(exc).__name__}: {str(exc)[:200]})\n    fix: resume with the spec, freeze list and settings "
+            f"({type(exc).__name__}: {clip(str(exc), 200)})\n    fix: resume with the spec, freeze list and settings "
             "the run started with, or pass --overwrite to start again") from None
     return state
 

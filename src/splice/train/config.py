@@ -164,7 +164,7 @@ class TrainConfig:
             if options and getattr(self, f.name) not in options:
                 problems.append(Problem(f.name, "not one of the choices", given=getattr(self, f.name),
                                         expected=" | ".join(options), fix=f"use {options[0]}"))
-        for name in ("eval_at_end", "progress", "resume", "overwrite", "save_final"):
+        for name in (f.name for f in settings if isinstance(f.default, bool)):
             if not isinstance(getattr(self, name), bool):
                 problems.append(Problem(name, "not a boolean", given=getattr(self, name), expected="True or False",
                                         fix=f"set {name} to True or False"))

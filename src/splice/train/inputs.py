@@ -64,8 +64,7 @@ def resolve_data(data: Any, model: nn.Module, cfg: TrainConfig, eval_data: Any =
     if isinstance(data, (str, Path)):
         from splice.data import load_data
 
-        train_src, eval_src, reports = load_data(data, model, seed=cfg.seed, eval_path=eval_data)
-        return train_src, eval_src, reports
+        return load_data(data, model, seed=cfg.seed, eval_path=eval_data)
     if not hasattr(data, "get"):
         raise InputError(f"data: expected 'shapes', a folder, a .jsonl file or a source with get(); got {type(data).__name__}")
     return data, eval_data, []
