@@ -92,6 +92,30 @@ class TextDecoder(Protocol):
     ) -> DecoderOutput: ...
 
 
+@dataclass
+class TextEncoderOutput:
+    last_hidden_state: Tensor  # (B, T, D)
+    pooler_output: Tensor | None = None  # (B, D): the sequence as one vector (BERT's pooler, a [CLS] or mean)
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """A bidirectional text model with a pooled output (the dual-encoder and single-stream kinds use it)."""
+
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, T)
+        attention_mask: Tensor | None = None,  # (B, T) 1 = real token, 0 = padding
+        token_type_ids: Tensor | None = None,  # (B, T)
+        output_hidden_states: bool = False,
+    ) -> TextEncoderOutput: ...
+
+
 @runtime_checkable
 class CrossAttention(Protocol):
     """The module an adapter puts in a decoder layer's slot.
