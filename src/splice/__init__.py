@@ -67,18 +67,20 @@ def load(path, *, dtype=None, strict: bool = True, revision: str | None = None, 
 def export_transformers(model, path) -> None:
     """Write ``model`` as a transformers VisionEncoderDecoder folder (config.json + model.safetensors + processor
     and tokenizer files) that ``VisionEncoderDecoderModel.from_pretrained`` loads with the same logits."""
-    from splice.core.transformers_format import export_ved
+    from splice.core.loading import export_transformers as _export
 
-    export_ved(model, path)
+    _export(model, path)
 
 
 def list_components(kind: str | None = None) -> list[dict]:
     """Registered components (and presets) as dicts: kind, name, plugin, aliases, description."""
     from splice.core.plugins import get_registry
 
+    from splice.core.registry import KINDS
+
     registry = get_registry()
     rows = []
-    for k in ("encoder", "decoder", "adapter", "projection"):
+    for k in KINDS:
         if kind in (None, k):
             for e in registry.entries(k):
                 rows.append({"kind": k, "name": e.name, "plugin": e.plugin, "aliases": list(e.aliases),

@@ -71,7 +71,11 @@ def _cmd_describe(args) -> int:
                 print(f"  aliases: {', '.join(e.aliases)}")
             if e.hf:
                 print(f"  reads transformers model_type: {', '.join(e.hf.model_types) or '-'}")
-            print("  config:")
+            if e.impl is not None:  # a composition kind: its spec's keys, and the transformers layouts it reads
+                for fmt in e.impl.formats:
+                    print(f"  reads transformers {fmt.name}: model_type {', '.join(fmt.model_types) or '-'}"
+                          + ("; exports it" if fmt.export else ""))
+            print("  spec keys:" if kind == "kind" else "  config:")
             for fname, field in e.config_cls.model_fields.items():
                 print(f"    {fname}: {_type_name(field.annotation)}{_default_text(field)}"
                       + (f"  — {field.description}" if field.description else ""))
@@ -122,7 +126,7 @@ def _default_text(field) -> str:
 
 def _describe_layers(entry) -> None:
     """Which cross-attention the decoder's tiny variant gets in each layer, per adapter placement."""
-    from splice.core.composer import params_on_meta
+    from splice.core.meta import params_on_meta
 
     with params_on_meta():
         dec = entry.builder(entry.make_config(entry.tiny))
@@ -240,7 +244,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="registered components and presets")
-    p.add_argument("--kind", choices=["encoder", "decoder", "adapter", "projection", "preset"])
+    p.add_argument("--kind", choices=["encoder", "decoder", "text_encoder", "adapter", "projection", "kind", "preset"],
+                   help="one kind of component; `kind` lists the composition kinds (encoder-decoder, ...)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_list)
 

@@ -19,7 +19,7 @@ class Problem:
     given: Any = None
     expected: str = ""
     fix: str = ""
-    error: str = "config"  # which SpliceError subclass this problem belongs to: config|unknown|incompatible
+    error: str = "config"  # which SpliceError subclass this problem belongs to: config|unknown|incompatible|plugin
 
     def __post_init__(self) -> None:
         # a problem quotes what was given; a huge value (an anchor bomb, a tensor) is kept as its bounded repr,
@@ -189,7 +189,8 @@ def _kind_flag(kind: str) -> str:
     return f" --kind {kind}" if kind in ("encoder", "decoder", "adapter", "projection", "preset") else ""
 
 
-_BY_KIND = {"config": ConfigError, "unknown": UnknownComponentError, "incompatible": IncompatibleComponentsError}
+_BY_KIND = {"config": ConfigError, "unknown": UnknownComponentError, "incompatible": IncompatibleComponentsError,
+            "plugin": PluginError}
 
 
 def error_for(problems: Sequence[Problem], *, source: str | None = None) -> SpliceError:

@@ -14,26 +14,29 @@ from pathlib import Path
 import torch
 
 from splice.core.checkpoint import (GENERATION, SPLICE_CONFIG, WEIGHTS, LoadReport, check_weights_metadata,
-                                    checked_splice_config, tied_aliases, assign_weights, checked_generation,
+                                    checked_splice_config, tied_aliases, assign_weights, checked_generation, field_error,
                                     lazy_weights, load_tokenizer, read_json, read_safetensors,
                                     shown_names, weights_file)
 from splice.core.composer import assemble, validate
 from splice.core.errors import CheckpointError, ConfigError, error_for, short
+from splice.core.kinds import DEFAULT_KIND, TransformersFormat
+from splice.core.plugins import get_registry
 from splice.core.processing import ImageProcessor
 from splice.core.sources import fetch, parse
-from splice.core.transformers_format import generation_options, split_state, spec_from_ved_config
+from splice.core.transformers_format import generation_options
 
 
 def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, strict: bool = True, revision: str | None = None,
          verify: bool = True):
-    """A model from a splice folder, a transformers VisionEncoderDecoder folder, or a hub repo id.
+    """A model from a splice folder, a transformers folder a registered kind reads (VisionEncoderDecoder, ...), or
+    a hub repo id.
 
     ``verify=False`` skips the SHA-256 check of a splice folder's files (sizes are still checked)."""
     folder = resolve_folder(path, revision=revision)
     if (folder / SPLICE_CONFIG).exists():
         return load_splice(folder, dtype=dtype, strict=strict, verify=verify)
     if (folder / "config.json").exists():
-        return load_ved(folder, dtype=dtype, strict=strict)
+        return load_transformers(folder, dtype=dtype, strict=strict)
     raise CheckpointError(
         f"{folder}: neither {SPLICE_CONFIG} (a splice folder) nor config.json (a transformers folder) is here\n"
         "    fix: point at a folder written by model.save_pretrained or by transformers"
@@ -70,12 +73,14 @@ def load_splice(folder: Path, *, dtype, strict: bool, verify: bool = True):
     return _finish(model, report, generation, folder)
 
 
-def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = True):
-    """A transformers VisionEncoderDecoder folder: config.json, generation_config.json and the weights' headers
-    are checked before anything is built."""
+def load_transformers(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = True):
+    """A folder written by transformers, in a layout a registered kind reads (``Kind.formats``, matched on
+    ``model_type`` / ``architectures``): config.json, generation_config.json and the weights' headers are checked
+    before anything is built."""
     config_file = folder / "config.json"
     config = read_json(config_file)
-    spec, generation = spec_from_ved_config(config, source=str(config_file))
+    fmt = format_for(config, str(config_file))
+    spec, generation = fmt.spec_from_config(config, str(config_file))
     gen_file = folder / "generation_config.json"
     if gen_file.exists():
         generation.update(generation_options(gen_file))
@@ -85,7 +90,7 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
     if not plan.ok:
         raise ConfigError(plan.problems, source=f"{config_file} (as a splice spec)")
     model = plan.meta_model
-    state, unused, unexpected, notes = split_state(source, tensors, plan, config)
+    state, unused, unexpected, notes = fmt.split_state(source, tensors, plan, config)
     if strict and unexpected:
         raise CheckpointError(
             f"{source}: {len(unexpected)} tensor(s) have no place in the model that config.json "
@@ -97,6 +102,39 @@ def load_ved(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = T
     report.notes = notes + report.notes
     report.unexpected = sorted(set(report.unexpected) | set(unexpected))
     return _finish(model, report, generation, folder)
+
+
+def format_for(config: object, source: str) -> TransformersFormat:
+    """The registered transformers layout that reads this ``config.json`` (by model_type, then architectures)."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: holds {short(config)}\n    expected: a JSON mapping (a transformers "
+                              "config)\n    fix: save or download the folder again")
+    formats = [f for k in get_registry().entries("kind") for f in k.impl.formats if f.spec_from_config is not None]
+    for fmt in formats:
+        if fmt.reads(config):
+            return fmt
+    known = sorted({t for f in formats for t in f.model_types})
+    raise field_error(source, "model_type", f"no composition kind reads this layout ({', '.join(sorted(f.name for f in formats))} "
+                      "are read)", given=config.get("model_type"), expected=" or ".join(map(repr, known)),
+                      fix="splice.load reads splice folders and the transformers layouts above; a plugin can "
+                      "register a kind that reads more")
+
+
+def export_transformers(model, path) -> None:
+    """Write ``model`` in the transformers layout its kind exports (the first of ``Kind.formats`` with an
+    ``export``); a kind without one is a ``CheckpointError``."""
+    spec = getattr(model, "spec", None)
+    name = spec.get("kind", DEFAULT_KIND) if isinstance(spec, dict) else None
+    registry = get_registry()
+    if not isinstance(name, str) or not registry.has("kind", name):
+        raise CheckpointError(f"cannot export a {type(model).__name__}: it is not a model splice composed or loaded "
+                              "(no `spec` naming a registered kind)\n    fix: export a model from splice.compose "
+                              "or splice.load")
+    fmt = next((f for f in registry.get("kind", name).impl.formats if f.export is not None), None)
+    if fmt is None:
+        raise CheckpointError(f"the {name!r} kind has no transformers layout to export to\n"
+                              "    fix: save with model.save_pretrained (splice's own format) instead")
+    fmt.export(model, path)
 
 
 def _finish(model, report: LoadReport, generation: dict, folder: Path):

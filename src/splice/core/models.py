@@ -162,6 +162,24 @@ class EncoderDecoderModel(nn.Module):
 
         save_pretrained(self, path, extra_files=extra_files)
 
+    def freeze(self, parts: list[str]) -> None:
+        """Turn off gradients for the named parts (``encoder``, ``decoder``, ``cross_attention``, ``projection``);
+        the adapters' modules stay trainable unless named."""
+        cross = {id(p) for m in self.cross_attention_modules for p in m.parameters()}
+        groups = {
+            "encoder": list(self.encoder.parameters()),
+            "decoder": [p for p in self.decoder.parameters() if id(p) not in cross],
+            "cross_attention": [p for m in self.cross_attention_modules for p in m.parameters()],
+            "projection": list(self.enc_to_dec_proj.parameters()) if self.enc_to_dec_proj is not None else [],
+        }
+        unknown = [p for p in parts if p not in groups]
+        if unknown:
+            raise input_error("freeze", "not a part of this model", given=unknown, expected=", ".join(groups),
+                              fix="name the parts to freeze from the list above")
+        for part in parts:
+            for p in groups[part]:
+                p.requires_grad_(False)
+
     def num_parameters(self, *, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 

@@ -50,17 +50,21 @@ BUILTIN_PLUGINS = (
     "splice.plugins.bart",
     "splice.adapters.cross_attention",
     "splice.adapters.projection",
+    "splice.kinds.encoder_decoder",
 )
 _HOOKS = {
     "register_encoders": "encoder",
     "register_decoders": "decoder",
+    "register_text_encoders": "text_encoder",
     "register_adapters": "adapter",
     "register_projections": "projection",
+    "register_kinds": "kind",
 }
 TIMEOUT_ENV, DEFAULT_TIMEOUT = "SPLICE_PLUGIN_TIMEOUT", 60.0  # a plugin's import, one hook, one config check
 BUILD_TIMEOUT_ENV, DEFAULT_BUILD_TIMEOUT = "SPLICE_BUILD_TIMEOUT", 600.0  # one call of a builder
 NAME_LIMIT, DESCRIPTION_LIMIT, MESSAGE_LIMIT = 100, 200, 300
-_ROLE_PATH = {"encoder": "encoder", "decoder": "decoder", "adapter": "cross_attention", "projection": "projection"}
+_ROLE_PATH = {"encoder": "encoder", "decoder": "decoder", "text_encoder": "text", "adapter": "cross_attention",
+              "projection": "projection", "kind": "kind"}
 _PIP_NAMES = {"cv2": "opencv-python", "PIL": "Pillow", "sklearn": "scikit-learn", "skimage": "scikit-image",
               "yaml": "PyYAML", "bs4": "beautifulsoup4", "google.protobuf": "protobuf"}
 
@@ -367,7 +371,8 @@ def _run_hooks(pm: pluggy.PluginManager, registry: Registry, sources: dict[str, 
     for hook_name, kind in _HOOKS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             source = sources.get(impl.plugin_name) or _Source(impl.plugin_name)
-            register = _register_fn(registry, kind, source, hook_name, failures)
+            make = _register_kind_fn if kind == "kind" else _register_fn
+            register = make(registry, kind, source, hook_name, failures)
             bound = 0 if source.dist == "splice" else limit
             _, exc = run_plugin_code(lambda: impl.function(register=register), bound)
             if isinstance(exc, DuplicateNameError):
@@ -411,6 +416,41 @@ def _register_fn(registry: Registry, kind: str, source: _Source, hook_name: str,
         ))
 
     return register
+
+
+def _register_kind_fn(registry: Registry, kind: str, source: _Source, hook_name: str,
+                      failures: list[PluginFailure]):
+    """The ``register`` callback of ``register_kinds``: ``register(splice.Kind(...))``, checked like a component's."""
+    from splice.core.kinds import Kind
+
+    def register(*args, **kwargs) -> None:
+        value = args[0] if len(args) == 1 and not kwargs else None
+        problems = [] if isinstance(value, Kind) else [f"register() takes one splice.Kind, got {short(args or kwargs)}"]
+        problems += _kind_problems(value) if not problems else []
+        if problems:
+            failures.append(source.failure(hook_name, "register(...) refused: " + "; ".join(problems),
+                                           source.fix("call register(splice.Kind(name=..., spec_model=..., "
+                                                      "validate=..., assemble=..., model_class=...))")))
+            return
+        registry.add(Entry(kind, value.name, value.assemble, value.spec_model, source.name,
+                           description=_description(value.description, value.validate), dist=source.dist, impl=value))
+
+    return register
+
+
+def _kind_problems(k: Any) -> list[str]:
+    from splice.core.kinds import TransformersFormat
+
+    problems = [p for p in [_name_problem("name", k.name)] if p]
+    spec_model = k.spec_model
+    if not (isinstance(spec_model, type) and issubclass(spec_model, BaseModel) and "kind" in spec_model.model_fields):
+        problems.append(f"spec_model must be a pydantic model class with a `kind` field, got {short(spec_model)}")
+    problems += [f"{what} must be callable" for what in ("validate", "assemble") if not callable(getattr(k, what))]
+    if not isinstance(k.model_class, type):
+        problems.append(f"model_class must be a class, got {short(k.model_class)}")
+    if not (isinstance(k.formats, tuple) and all(isinstance(f, TransformersFormat) for f in k.formats)):
+        problems.append(f"formats must be a tuple of splice.TransformersFormat, got {short(k.formats)}")
+    return problems
 
 
 def _name_problem(what: str, value: Any) -> str | None:

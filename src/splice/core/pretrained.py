@@ -1,4 +1,4 @@
-"""Pretrained parts in a spec: ``pretrained:`` on the encoder or decoder (warm start).
+"""Pretrained parts in a spec: ``pretrained:`` on a component (the encoder, the decoder; warm start).
 
 A source is a preset's weights (``true``), a hub repo id (``owner/name`` or ``owner/name@revision``), a local
 folder or a single ``.safetensors`` file. Folders may be in transformers' layout (``config.json`` with a
@@ -100,7 +100,8 @@ def load_part(model, part, *, strict: bool) -> LoadReport:
     _check_fit(where, part, mapped, module.state_dict())
     module.load_state_dict(mapped, strict=False)  # copies, casting floats to the module's dtype
     expected = module.state_dict()
-    new = {f"{n}" for m in model.cross_attention_modules for n in _names_in(module, m)} if part.role == "decoder" else set()
+    # modules the kind installed inside the component (an adapter's cross-attention) keep their fresh init
+    new = {n for m in getattr(model, "cross_attention_modules", ()) for n in _names_in(module, m)}
     missing = sorted(k for k in expected if k not in mapped and k not in new and not _is_buffer(module, k))
     p = part.role
     report = LoadReport(
@@ -148,15 +149,17 @@ def load_pretrained_parts(model, plan, *, strict: bool = False) -> LoadReport:
     """Warm start: every part whose spec names pretrained weights; returns one combined report."""
     combined = LoadReport(source="")
     sources = []
-    for part in (plan.encoder, plan.decoder):
+    parts = plan.components()
+    for part in parts:
         if part.weights is None:
             continue
         r = load_part(model, part, strict=strict)
         sources.append(r.source)
         for field in ("loaded", "missing", "unused", "initialised", "notes"):
             getattr(combined, field).extend(getattr(r, field))
-    if model.enc_to_dec_proj is not None:
-        combined.initialised.extend(f"enc_to_dec_proj.{k}" for k in model.enc_to_dec_proj.state_dict())
+    # what the kind added between the components (a projection) is new
+    prefixes = tuple(f"{part.role}." for part in parts)
+    combined.initialised.extend(k for k in model.state_dict() if not k.startswith(prefixes))
     combined.source = "; ".join(sources)
     model.loading_report = combined
     return combined

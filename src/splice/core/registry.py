@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from splice.core.errors import PluginError, UnknownComponentError
 from splice.core.interfaces import HFInterop
 
-KINDS = ("encoder", "decoder", "adapter", "projection")
+KINDS = ("encoder", "decoder", "text_encoder", "adapter", "projection", "kind")  # "kind": composition kinds
 
 
 class DuplicateNameError(PluginError):
@@ -34,6 +34,7 @@ class Entry:
     hf: HFInterop | None = None
     description: str = ""
     dist: str = ""  # the distribution that installed the plugin ("splice" for the built-ins), when known
+    impl: Any = None  # a composition kind's ``splice.Kind`` (the kind "kind" only)
 
     def make_config(self, values: dict | None = None) -> BaseModel:
         return self.config_cls(**(values or {}))
@@ -98,7 +99,7 @@ class Registry:
         entry = self._owner(kind, name)
         if entry is None:
             known = self.names(kind, with_aliases=True)
-            if kind in ("encoder", "decoder"):
+            if kind in ("encoder", "decoder", "text_encoder"):
                 known += [p.name for p in self.presets.values() if p.kind == kind]
             raise UnknownComponentError.for_name(kind, name, known, path=path or "")
         return entry

@@ -29,7 +29,7 @@ def _first(*values):
     return None
 
 
-def spec_from_ved_config(config: dict, *, source: str = "config.json") -> tuple[dict, dict]:
+def spec_from_ved_config(config: dict, source: str = "config.json") -> tuple[dict, dict]:
     """A composition spec for a transformers VED config, plus the generation defaults it implies."""
     check_ved_config(config, source)
     registry = get_registry()
