@@ -1,4 +1,5 @@
-"""Decoding: the key/value cache and the search loops (greedy, sampling, beam search, beam sampling).
+"""Decoding: the options (``GenerationOptions``, checked in one place) and the search loops (greedy, sampling, beam
+search, beam sampling). The key/value cache is ``splice.core.cache``.
 
 The loops reproduce transformers 5's ``generate`` for encoder-decoder models token for token: the same logits
 processors in the same order (repetition penalty, no-repeat n-grams, minimum length; then, when sampling,
@@ -19,100 +20,24 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from splice.core.cache import KVCache
 from splice.core.errors import InputError, Problem
 from splice.core.inputs import check_mask, check_token_ids, input_error
 
-__all__ = ["GenerationSettings", "KVCache", "generate", "resolve_settings"]
+__all__ = ["GENERATION_OPTIONS", "GenerationOptions", "GenerationSettings", "KVCache", "generate", "resolve_settings"]
 
 _NEG = -1.0e9  # transformers' "impossible" beam score
 
 
-class KVCache:
-    """Self-attention keys/values, preallocated to ``max_len`` and written in place (no ``torch.cat``).
-
-    Also holds each layer's cross-attention keys/values, computed once per generate call.
-    A decoder's attention layer calls ``update(layer, k, v)`` and gets back the keys/values so far; the decoder
-    calls ``advance(T)`` once all layers have seen the ``T`` new tokens.
-    """
-
-    def __init__(self, num_layers: int, max_len: int):
-        self.max_len = max_len
-        self.length = 0  # tokens already stored (the past)
-        self.k: list[Tensor | None] = [None] * num_layers
-        self.v: list[Tensor | None] = [None] * num_layers
-        self.cross: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
-        # second buffers for ``reorder``: rows are gathered from one buffer into the other, then the two swap
-        self._spare_k: list[Tensor | None] = [None] * num_layers
-        self._spare_v: list[Tensor | None] = [None] * num_layers
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store ``k, v`` (B, nh, T, hs) after the past; return all keys/values so far (B, nh, past+T, hs)."""
-        B, nh, T, hs = k.shape
-        end = self.length + T
-        if end > self.max_len:
-            raise ValueError(f"KVCache holds {self.max_len} tokens; {end} were asked for")
-        keys, values = self.k[layer], self.v[layer]
-        if keys is None:
-            keys = self.k[layer] = k.new_empty(B, nh, self.max_len, hs)
-            values = self.v[layer] = v.new_empty(B, v.shape[1], self.max_len, v.shape[-1])
-        keys[:, :, self.length : end] = k
-        values[:, :, self.length : end] = v
-        return keys[:, :, :end], values[:, :, :end]
-
-    def advance(self, T: int) -> None:
-        self.length += T
-
-    @property
-    def batch_size(self) -> int | None:
-        t = next((t for t in self.k if t is not None), None)
-        return None if t is None else t.shape[0]
-
-    def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search): row ``i`` becomes old row ``index[i]``.
-
-        Only the stored positions are copied, into a second buffer that then becomes the live one.
-        """
-        L = self.length
-        for store, spare in ((self.k, self._spare_k), (self.v, self._spare_v)):
-            for i, t in enumerate(store):
-                if t is None:
-                    continue
-                if spare[i] is None or spare[i].shape[0] != index.shape[0]:
-                    spare[i] = t.new_empty(index.shape[0], *t.shape[1:])
-                torch.index_select(t[:, :, :L], 0, index, out=spare[i][:, :, :L])
-                store[i], spare[i] = spare[i], t
-
-    def repeat_interleave(self, n: int) -> None:
-        """Repeat every batch row ``n`` times (row ``b`` becomes rows ``b*n .. b*n+n-1``): self and cross K/V.
-
-        Used once, after the prompt ran for one row per image, to give each beam (or returned sample) its copy.
-        """
-        if n == 1:
-            return
-        L = self.length
-        for store in (self.k, self.v):
-            for i, t in enumerate(store):
-                if t is None:
-                    continue
-                grown = t.new_empty(t.shape[0] * n, *t.shape[1:])  # (B*n, nh, max_len, hs)
-                grown[:, :, :L] = t[:, :, :L].repeat_interleave(n, dim=0)
-                store[i] = grown
-        self._spare_k = [None] * len(self.k)
-        self._spare_v = [None] * len(self.v)
-        self.cross = [
-            None if kv is None else tuple(t.repeat_interleave(n, dim=0) for t in kv)  # each (B*n, nh, N, hs)
-            for kv in self.cross
-        ]
-
-
-# ---- settings ----------------------------------------------------------------------------------------------
+# ---- options and settings ----------------------------------------------------------------------------------
 
 # transformers' own defaults (GenerationConfig._get_default_generation_params), for what nothing else sets
 _HF_DEFAULTS: dict[str, Any] = dict(
@@ -121,14 +46,182 @@ _HF_DEFAULTS: dict[str, Any] = dict(
 )
 _DEFAULT_NEW_TOKENS = 20  # transformers: with no max_length anywhere, 20 new tokens
 MAX_LENGTH_PENALTY = 10.0  # |length_penalty|: length ** 10 stays finite for any position count splice accepts
-
-GENERATION_OPTIONS = _OPTIONS = (
-    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_beams", "num_return_sequences",
-    "do_sample", "temperature", "top_k", "top_p", "length_penalty", "early_stopping", "no_repeat_ngram_size",
-    "repetition_penalty", "eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id",
-    "forced_eos_token_id",
-)
 _OTHER_ARGS = ("pixel_values", "decoder_input_ids", "decoder_attention_mask", "encoder_outputs", "generator", "seed")
+
+
+def _bad(name: str, given: Any, expected: str, fix: str) -> InputError:
+    return input_error(f"generate({name}=...)", "invalid generation argument", given=given, expected=expected, fix=fix)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    """A finite int or float (NaN, Inf and ints too large for a float are not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def _at_least(low: int) -> Callable[[Any], bool]:
+    return lambda x: _is_int(x) and x >= low
+
+
+def _token_ids(x: Any, *, empty: bool) -> bool:
+    """A token id >= 0, or a list of them (``empty``: the empty list too)."""
+    if _is_int(x):
+        return x >= 0
+    return isinstance(x, (list, tuple)) and (empty or len(x) > 0) and all(_is_int(i) and i >= 0 for i in x)
+
+
+# each option's own bound: (accepts, expected, fix). Bounds between options (num_return_sequences and num_beams,
+# temperature when sampling) and those against the model (the vocabulary, the prompt, the positions, the memory)
+# are checked when a call resolves its settings (``GenerationOptions.resolve``, ``generate``).
+_BOUNDS: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "max_new_tokens": (_at_least(1), "an integer >= 1", "ask for at least one new token"),
+    "max_length": (_at_least(2), "an integer >= 2 (it counts the prompt, at least the start token)",
+                   "max_length counts the prompt too; raise it, or pass max_new_tokens instead"),
+    "min_new_tokens": (_at_least(0), "an integer >= 0", "pass the number of new tokens before eos"),
+    "min_length": (_at_least(0), "an integer >= 0", "pass the shortest total length (prompt included)"),
+    "num_beams": (_at_least(1), "an integer >= 1", "use 1 for greedy/sampling, 2 or more for beam search"),
+    "num_return_sequences": (_at_least(1), "an integer >= 1", "ask for one or more sequences per image"),
+    "do_sample": (lambda x: isinstance(x, bool), "True or False", "do_sample=True samples; False decodes greedily"),
+    "temperature": (_is_real, "a finite number (> 0 when sampling)",
+                    "use a positive temperature; for greedy decoding pass do_sample=False instead of temperature=0"),
+    "top_k": (_at_least(0), "an integer >= 0 (0 switches top-k off)", "pass e.g. top_k=50, or top_k=0"),
+    "top_p": (lambda x: _is_real(x) and 0 < x <= 1, "a number in (0, 1]",
+              "pass e.g. top_p=0.9, or top_p=1.0 to switch it off"),
+    # a beam's score is divided by length ** length_penalty: beyond the bound that overflows a float
+    "length_penalty": (lambda x: _is_real(x) and abs(x) <= MAX_LENGTH_PENALTY,
+                       f"a number in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}] (> 0 favours long beams, "
+                       "< 0 short ones)", "pass e.g. length_penalty=1.0 (released models use 0.6 to 2)"),
+    "early_stopping": (lambda x: isinstance(x, bool) or (isinstance(x, str) and x == "never"),
+                       "True, False or 'never'",
+                       "True stops when num_beams hypotheses are done; False/'never' keep searching while it may help"),
+    "no_repeat_ngram_size": (_at_least(0), "an integer >= 0 (0 switches it off)", "pass e.g. 3"),
+    "repetition_penalty": (lambda x: _is_real(x) and x > 0,
+                           "a finite number > 0 (1.0 switches it off; > 1 discourages repeats)",
+                           "pass e.g. repetition_penalty=1.2"),
+    "eos_token_id": (functools.partial(_token_ids, empty=True), "a token id >= 0, a list of them, or [] for none",
+                     "pass the id(s) of the end-of-sequence token(s)"),
+    "pad_token_id": (_at_least(0), "a token id >= 0", "pass the id that fills finished sequences"),
+    "decoder_start_token_id": (_at_least(0), "a token id >= 0",
+                               "pass the id the decoder starts from (tokens.decoder_start in the spec)"),
+    "forced_bos_token_id": (_at_least(0), "a token id >= 0", "pass the id, or leave it None"),
+    "forced_eos_token_id": (functools.partial(_token_ids, empty=False), "a token id >= 0 or a non-empty list of them",
+                            "pass the id(s), or leave it None"),
+}
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Every option ``generate`` takes, in one validated object: the one place generation options are checked.
+
+    ``model.generate(**kwargs)``, a splice folder's ``generation.json`` and a transformers folder's
+    ``generation_config.json`` all go through it. Making one checks each option against its own bound
+    (``InputError`` naming the option, what was given, what is expected and the fix, every bad option at once);
+    ``from_mapping`` refuses a name that is no option with a did-you-mean. None means "not set": the model's
+    generation defaults, then its tokens, then transformers' defaults decide. ``resolve`` checks what needs the
+    options together and the prompt (``num_return_sequences`` against ``num_beams``, a positive temperature when
+    sampling, ``max_length`` beyond the prompt); ``generate`` then checks them against the model (token ids in the
+    vocabulary, lengths within its positions, buffers within memory).
+
+    ``GenerationOptions.from_mapping(opts.to_dict()) == opts``; ``model.generate(px, **opts.to_dict())`` decodes
+    with them.
+    """
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None  # prompt + new tokens
+    min_new_tokens: int | None = None
+    min_length: int | None = None  # prompt + new tokens below which eos is forbidden
+    num_beams: int | None = None
+    num_return_sequences: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | str | None = None
+    no_repeat_ngram_size: int | None = None
+    repetition_penalty: float | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # () means no eos
+    pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name, value in self.to_dict().items():
+            accepts, expected, fix = _BOUNDS[name]
+            if not accepts(value):
+                problems.append(_bad(name, value, expected, fix).problems[0])
+            elif isinstance(value, list):  # a tuple, so the object stays hashable and compares as it round-trips
+                object.__setattr__(self, name, tuple(value))
+        if problems:
+            raise InputError(problems)
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any], *, unknown: Literal["refuse", "ignore"] = "refuse",
+                     also: tuple[str, ...] = ()) -> GenerationOptions:
+        """The options of ``options`` (None values: not set). A name that is no option (nor one of ``also``, the
+        other arguments of the caller) is refused with a did-you-mean (``unknown="refuse"``) or left out
+        (``unknown="ignore"``: a generation_config.json holds many more keys than generate takes)."""
+        strange = [name for name in options if name not in _BOUNDS and name not in also]
+        if strange and unknown == "refuse":
+            raise InputError([_unknown_problem(str(name), (*GENERATION_OPTIONS, *also)) for name in strange])
+        return cls(**{name: value for name, value in options.items() if name in _BOUNDS})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options that are set (not None), by name."""
+        return {name: getattr(self, name) for name in _BOUNDS if getattr(self, name) is not None}
+
+    def over(self, defaults: GenerationOptions) -> GenerationOptions:
+        """These options, with ``defaults`` for those not set. The length (``max_new_tokens`` or ``max_length``) is
+        taken whole from the side that sets one, so an explicit ``max_length`` wins over a default
+        ``max_new_tokens``."""
+        merged = {**defaults.to_dict(), **self.to_dict()}
+        if self.max_new_tokens is not None or self.max_length is not None:
+            merged.update(max_new_tokens=self.max_new_tokens, max_length=self.max_length)
+        return GenerationOptions(**merged)
+
+    def resolve(self, prompt_len: int, tokens: Mapping[str, Any] | None = None) -> GenerationSettings:
+        """The settings of one call with a ``prompt_len``-token prompt: options not set come from ``tokens``
+        (``eos``, ``pad``) and transformers' defaults; options that bound each other are checked."""
+        tokens = tokens or {}
+        max_len, min_len, length_from = _lengths(self, prompt_len)
+        eos = self.eos_token_id if self.eos_token_id is not None else tokens.get("eos")
+        eos_list = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        pad = _first(self.pad_token_id, tokens.get("pad"), eos_list[0] if eos_list else None)  # as transformers
+        forced_eos = self.forced_eos_token_id
+        return GenerationSettings(
+            max_length=max_len, min_length=min_len, eos=eos_list, pad=pad, prompt_len=prompt_len,
+            length_from=length_from, forced_bos=self.forced_bos_token_id,
+            forced_eos=None if forced_eos is None else [forced_eos] if _is_int(forced_eos) else list(forced_eos),
+            **_search(self))
+
+    def _get(self, name: str) -> Any:
+        """The option, or transformers' default when it is not set."""
+        value = getattr(self, name)
+        return _HF_DEFAULTS.get(name) if value is None else value
+
+
+GENERATION_OPTIONS = tuple(_BOUNDS)  # every option generate takes, in its order
+
+
+def _unknown_problem(name: str, known: tuple[str, ...]) -> Problem:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    fix = f"did you mean {close[0]!r}? Pass {close[0]}=... instead" if close else f"remove {name!r}"
+    return Problem(f"generate({name}=...)", "unknown generation argument", expected="one of " + ", ".join(known),
+                   fix=fix)
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
 
 
 @dataclass
@@ -155,180 +248,71 @@ class GenerationSettings:
     forced_eos: list[int] | None = None  # the token(s) forced as the last one when max_length is reached
 
 
-def _bad(name: str, given: Any, expected: str, fix: str) -> InputError:
-    return input_error(f"generate({name}=...)", "invalid generation argument", given=given, expected=expected, fix=fix)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    """A finite int or float (NaN, Inf and ints too large for a float are not)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    try:
-        return math.isfinite(x)
-    except OverflowError:
-        return False
-
-
-def _pick(name: str, kwargs: dict, defaults: dict) -> Any:
-    value = kwargs.get(name)
-    if value is None:
-        value = defaults.get(name)
-    if value is None:
-        value = _HF_DEFAULTS.get(name)
-    return value
-
-
-def resolve_settings(model, kwargs: dict[str, Any], prompt_len: int) -> GenerationSettings:
-    """Merge explicit arguments, ``model.generation_defaults``, ``model.tokens`` and transformers' defaults, and
-    check every value (``InputError`` with what was given, what is expected, and the fix)."""
-    defaults = getattr(model, "generation_defaults", None) or {}
-    tokens = getattr(model, "tokens", None) or {}
-    max_len, min_len, length_from = _lengths(kwargs, defaults, prompt_len)
-    search = _search_options(kwargs, defaults)
-    eos_list, pad = _eos_and_pad(kwargs, defaults, tokens)
-    forced_bos, forced_eos = _forced(kwargs, defaults)
-    s = GenerationSettings(max_length=max_len, min_length=min_len, eos=eos_list, pad=pad, prompt_len=prompt_len,
-                           forced_bos=forced_bos, forced_eos=forced_eos, length_from=length_from, **search)
+def resolve_settings(model, options: GenerationOptions | Mapping[str, Any], prompt_len: int) -> GenerationSettings:
+    """The settings of one call: ``options`` (explicit), over ``model.generation_defaults``, ``model.tokens`` and
+    transformers' defaults, every value checked (``InputError`` with what was given, what is expected, and the
+    fix), token ids against the decoder's vocabulary."""
+    s = _with_defaults(model, options).resolve(prompt_len, getattr(model, "tokens", None))
     _fit_vocabulary(s, getattr(getattr(model, "decoder", None), "vocab_size", None))
     return s
 
 
-def _lengths(kwargs: dict, defaults: dict, prompt_len: int) -> tuple[int, int, str]:
-    """(max_length, min_length, which argument set max_length), both lengths counting the prompt."""
-    # lengths: explicit max_new_tokens > explicit max_length > the same two from the defaults > 20 new tokens
-    max_new = max_len = None
-    length_from = "default"
-    for source in (kwargs, defaults):
-        if source.get("max_new_tokens") is not None:
-            max_new = source["max_new_tokens"]
-            break
-        if source.get("max_length") is not None:
-            max_len = source["max_length"]
-            break
-    if max_new is not None:
-        length_from = "max_new_tokens"
-        if not _is_int(max_new) or max_new <= 0:
-            raise _bad("max_new_tokens", max_new, "an integer >= 1", "ask for at least one new token")
-        max_len = prompt_len + max_new
-    elif max_len is not None:
-        length_from = "max_length"
-        if not _is_int(max_len) or max_len <= prompt_len:
+def _with_defaults(model, options: GenerationOptions | Mapping[str, Any]) -> GenerationOptions:
+    """``options`` over ``model.generation_defaults`` (applying it twice changes nothing)."""
+    if not isinstance(options, GenerationOptions):
+        options = GenerationOptions.from_mapping(options)
+    defaults = getattr(model, "generation_defaults", None) or {}
+    return options.over(GenerationOptions.from_mapping(defaults, unknown="ignore")) if defaults else options
+
+
+def _lengths(o: GenerationOptions, prompt_len: int) -> tuple[int, int, str]:
+    """(max_length, min_length, which option set max_length), both lengths counting the prompt."""
+    if o.max_new_tokens is not None:  # max_new_tokens > max_length > 20 new tokens
+        max_len, length_from = prompt_len + o.max_new_tokens, "max_new_tokens"
+    elif o.max_length is not None:
+        max_len, length_from = o.max_length, "max_length"
+        if max_len <= prompt_len:
             raise _bad("max_length", max_len, f"an integer > the decoder prompt length ({prompt_len})",
                        "max_length counts the prompt too; raise it, or pass max_new_tokens instead")
     else:
-        max_len = prompt_len + _DEFAULT_NEW_TOKENS
-
-    min_new = _pick("min_new_tokens", kwargs, defaults)
-    if min_new is not None:  # like transformers, min_new_tokens takes precedence over min_length
-        if not _is_int(min_new) or min_new < 0:
-            raise _bad("min_new_tokens", min_new, "an integer >= 0", "pass the number of new tokens before eos")
-        min_len = prompt_len + min_new
+        max_len, length_from = prompt_len + _DEFAULT_NEW_TOKENS, "default"
+    if o.min_new_tokens is not None:  # like transformers, min_new_tokens takes precedence over min_length
+        min_len = prompt_len + o.min_new_tokens
     else:
-        min_len = _pick("min_length", kwargs, defaults)
-        if not _is_int(min_len) or min_len < 0:
-            raise _bad("min_length", min_len, "an integer >= 0", "pass the shortest total length (prompt included)")
+        min_len = o._get("min_length")
     return max_len, min_len, length_from
 
 
-def _search_options(kwargs: dict, defaults: dict) -> dict[str, Any]:
-    """Beams, sampling and score shaping, as ``GenerationSettings`` fields."""
-    num_beams = _pick("num_beams", kwargs, defaults)
-    if not _is_int(num_beams) or num_beams < 1:
-        raise _bad("num_beams", num_beams, "an integer >= 1", "use 1 for greedy/sampling, 2 or more for beam search")
-    do_sample = _pick("do_sample", kwargs, defaults)
-    if not isinstance(do_sample, bool):
-        raise _bad("do_sample", do_sample, "True or False", "do_sample=True samples; False decodes greedily")
-    num_return = _pick("num_return_sequences", kwargs, defaults)
-    if not _is_int(num_return) or num_return < 1:
-        raise _bad("num_return_sequences", num_return, "an integer >= 1", "ask for one or more sequences per image")
+def _search(o: GenerationOptions) -> dict[str, Any]:
+    """Beams, sampling and score shaping, as ``GenerationSettings`` fields; the bounds between options checked."""
+    num_beams, do_sample, num_return = o._get("num_beams"), o._get("do_sample"), o._get("num_return_sequences")
     if num_beams == 1 and not do_sample and num_return > 1:
         raise _bad("num_return_sequences", num_return, "1 with greedy decoding (every copy would be the same)",
                    "use num_beams >= num_return_sequences (beam search) or do_sample=True")
     if num_beams > 1 and num_return > num_beams:
         raise _bad("num_return_sequences", num_return, f"at most num_beams ({num_beams})",
                    f"raise num_beams to {num_return} or ask for fewer sequences")
-
-    temperature = _pick("temperature", kwargs, defaults)
-    if not _is_real(temperature) or (do_sample and temperature <= 0):  # ignored (as transformers) when greedy
+    temperature = o._get("temperature")
+    if do_sample and temperature <= 0:  # ignored (as transformers) when greedy
         raise _bad("temperature", temperature, "a finite number > 0",
                    "use a positive temperature; for greedy decoding pass do_sample=False instead of temperature=0")
-    top_k = _pick("top_k", kwargs, defaults)
-    if not _is_int(top_k) or top_k < 0:
-        raise _bad("top_k", top_k, "an integer >= 0 (0 switches top-k off)", "pass e.g. top_k=50, or top_k=0")
-    top_p = _pick("top_p", kwargs, defaults)
-    if not _is_real(top_p) or not 0 < top_p <= 1:
-        raise _bad("top_p", top_p, "a number in (0, 1]", "pass e.g. top_p=0.9, or top_p=1.0 to switch it off")
-    length_penalty = _pick("length_penalty", kwargs, defaults)
-    if not _is_real(length_penalty) or abs(length_penalty) > MAX_LENGTH_PENALTY:
-        # a beam's score is divided by length ** length_penalty: beyond the bound that overflows a float
-        raise _bad("length_penalty", length_penalty,
-                   f"a number in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}] (> 0 favours long beams, < 0 short ones)",
-                   "pass e.g. length_penalty=1.0 (released models use 0.6 to 2)")
-    early_stopping = _pick("early_stopping", kwargs, defaults)
-    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
-        raise _bad("early_stopping", early_stopping, "True, False or 'never'",
-                   "True stops when num_beams hypotheses are done; False/'never' keep searching while it may help")
-    ngram = _pick("no_repeat_ngram_size", kwargs, defaults)
-    if not _is_int(ngram) or ngram < 0:
-        raise _bad("no_repeat_ngram_size", ngram, "an integer >= 0 (0 switches it off)", "pass e.g. 3")
-    rep = _pick("repetition_penalty", kwargs, defaults)
-    if not _is_real(rep) or rep <= 0:
-        raise _bad("repetition_penalty", rep, "a finite number > 0 (1.0 switches it off; > 1 discourages repeats)",
-                   "pass e.g. repetition_penalty=1.2")
     return dict(num_beams=num_beams, num_return_sequences=num_return, do_sample=do_sample,
-                temperature=float(temperature), top_k=top_k, top_p=float(top_p), length_penalty=float(length_penalty),
-                early_stopping=early_stopping, no_repeat_ngram_size=ngram, repetition_penalty=float(rep))
-
-
-def _eos_and_pad(kwargs: dict, defaults: dict, tokens: dict) -> tuple[list[int], int | None]:
-    if kwargs.get("eos_token_id") is not None:  # an explicit [] means "no eos"
-        eos = kwargs["eos_token_id"]
-    elif defaults.get("eos_token_id") is not None:
-        eos = defaults["eos_token_id"]
-    else:
-        eos = tokens.get("eos")
-    eos_list = [] if eos is None else [eos] if _is_int(eos) else list(eos) if isinstance(eos, (list, tuple)) else None
-    if eos_list is None or not all(_is_int(e) and e >= 0 for e in eos_list):
-        raise _bad("eos_token_id", eos, "a token id >= 0, a list of them, or [] for none",
-                   "pass the id(s) of the end-of-sequence token(s)")
-    pad = kwargs.get("pad_token_id")
-    if pad is None:
-        pad = defaults.get("pad_token_id")
-    if pad is None:
-        pad = tokens.get("pad")
-    if pad is None and eos_list:
-        pad = eos_list[0]  # as transformers: finished rows are filled with the first eos
-    if pad is not None and (not _is_int(pad) or pad < 0):
-        raise _bad("pad_token_id", pad, "a token id >= 0", "pass the id that fills finished sequences")
-    return eos_list, pad
-
-
-def _forced(kwargs: dict, defaults: dict) -> tuple[int | None, list[int] | None]:
-    forced_bos = _pick("forced_bos_token_id", kwargs, defaults)
-    if forced_bos is not None and (not _is_int(forced_bos) or forced_bos < 0):
-        raise _bad("forced_bos_token_id", forced_bos, "a token id >= 0", "pass the id, or leave it None")
-    forced_eos = _pick("forced_eos_token_id", kwargs, defaults)
-    if forced_eos is not None:
-        forced_eos = [forced_eos] if _is_int(forced_eos) else forced_eos
-        valid = isinstance(forced_eos, (list, tuple)) and forced_eos and all(_is_int(e) and e >= 0 for e in forced_eos)
-        if not valid:
-            raise _bad("forced_eos_token_id", forced_eos, "a token id >= 0 or a non-empty list of them",
-                       "pass the id(s), or leave it None")
-        forced_eos = list(forced_eos)
-    return forced_bos, forced_eos
+                temperature=float(temperature), top_k=o._get("top_k"), top_p=float(o._get("top_p")),
+                length_penalty=float(o._get("length_penalty")), early_stopping=o._get("early_stopping"),
+                no_repeat_ngram_size=o._get("no_repeat_ngram_size"),
+                repetition_penalty=float(o._get("repetition_penalty")))
 
 
 def _fit_vocabulary(s: GenerationSettings, vocab: Any) -> None:
     """Every token id the search writes or forces lies in the decoder's vocabulary, and num_beams fits it."""
-    if not _is_int(vocab):
-        return
     named = (("eos_token_id", s.eos), ("pad_token_id", [] if s.pad is None else [s.pad]),
              ("forced_bos_token_id", [] if s.forced_bos is None else [s.forced_bos]),
              ("forced_eos_token_id", s.forced_eos or []))
+    for name, ids in named:  # from model.tokens when no option set them: checked here
+        if not all(_is_int(i) and i >= 0 for i in ids):
+            raise _bad(name, ids[0] if len(ids) == 1 else ids, "token ids >= 0", "pass the id(s) of the token(s)")
+    if not _is_int(vocab):
+        return
     for name, ids in named:
         if any(i >= vocab for i in ids):
             raise _bad(name, ids[0] if len(ids) == 1 else ids, f"token ids < vocab_size ({vocab})",
@@ -462,28 +446,30 @@ def generate(
     the vocabulary, numbers must be finite, num_beams <= vocab_size, and a search whose buffers would not fit in
     the device's free memory (at most ``MAX_DECODE_BYTES``) is refused (``_fit_memory``). Tensors must be on the
     model's device. An empty batch gives (0, prompt length) ids without running the decoder.
+
+    The options go through ``GenerationOptions`` (``model.generate(px, **options.to_dict())`` passes an object's);
+    a name that is none of these arguments is refused with a did-you-mean.
     """
-    _refuse_unknown(unknown)
-    kwargs = dict(
+    options = _with_defaults(model, GenerationOptions.from_mapping(dict(
         max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length,
         num_beams=num_beams, num_return_sequences=num_return_sequences, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, length_penalty=length_penalty, early_stopping=early_stopping,
         no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id,
-    )
-    defaults = getattr(model, "generation_defaults", None) or {}
+        pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id,
+        forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id, **unknown,
+    ), also=_OTHER_ARGS))
 
     # -- the image context: the encoder runs once per image
     context = model.context(model.encoder_hidden(pixel_values, encoder_outputs))  # (B, N, D_ctx)
     B, device = context.shape[0], context.device
 
     # -- the decoder prompt and the settings, all checked before anything is allocated
-    start = _start_token(model, decoder_start_token_id, defaults)
+    start = _start_token(model, options.decoder_start_token_id, getattr(model, "generation_defaults", None) or {})
     prompt, prompt_mask = _prompt(decoder_input_ids, decoder_attention_mask, start, context,
                                   model.decoder.vocab_size)
-    s = resolve_settings(model, kwargs, prompt.shape[1])
+    s = resolve_settings(model, options, prompt.shape[1])
     generator = _generator(generator, seed, device)
-    _fit_positions(s, model.decoder, kwargs, defaults)
+    _fit_positions(s, model.decoder, options)
     _fit_memory(s, model.decoder, context)
     if B == 0:  # nothing to decode: the empty prompt, as wide as it is
         return prompt
@@ -491,19 +477,6 @@ def generate(
     if s.num_beams > 1:
         return _beam_search(s, prompt, logits, step, processors, generator, B)
     return _greedy_or_sample(s, prompt, logits, step, processors, generator)
-
-
-def _refuse_unknown(unknown: dict[str, Any]) -> None:
-    if unknown:
-        known = _OPTIONS + _OTHER_ARGS
-        problems = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
-            problems.append(Problem(
-                f"generate({name}=...)", "unknown generation argument", expected="one of " + ", ".join(known),
-                fix=f"did you mean {' or '.join(close)}?" if close else "remove it",
-            ))
-        raise InputError(problems)
 
 
 def _start_token(model, given: int | None, defaults: dict) -> int:
@@ -535,7 +508,7 @@ def _generator(generator: torch.Generator | None, seed: Any, device) -> torch.Ge
     return generator
 
 
-def _fit_positions(s: GenerationSettings, decoder, kwargs: dict, defaults: dict) -> None:
+def _fit_positions(s: GenerationSettings, decoder, options: GenerationOptions) -> None:
     """Shorten a default max_length to the decoder's positions; an asked-for length that does not fit raises."""
     P = s.prompt_len
     limit = getattr(decoder, "max_positions", None)  # the longest sequence the decoder reads
@@ -543,7 +516,7 @@ def _fit_positions(s: GenerationSettings, decoder, kwargs: dict, defaults: dict)
         if s.length_from == "default" and limit + 1 > P:
             s.max_length = limit + 1
         else:
-            raise _bad(s.length_from, kwargs.get(s.length_from) or defaults.get(s.length_from) or s.max_length,
+            raise _bad(s.length_from, getattr(options, s.length_from, None) or s.max_length,
                        f"prompt + new tokens <= {limit + 1}: the decoder reads at most {limit} positions",
                        f"ask for at most {limit + 1 - P} new tokens (max_length <= {limit + 1})")
 

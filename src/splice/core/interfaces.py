@@ -176,3 +176,36 @@ class HFInterop:
 
 
 Builder = Callable[[Any], nn.Module]
+
+
+@runtime_checkable
+class DecoderCache(Protocol):
+    """What a decoder gets as ``cache`` during generation (``splice.core.cache.KVCache`` is splice's).
+
+    It holds, per decoder layer, the self-attention keys/values of the tokens so far and the cross-attention
+    keys/values of the context. Shapes: ``k``/``v`` (B, n_kv_heads, T, head_size), where ``n_kv_heads`` may be
+    fewer than the query heads (it divides ``n_heads``: grouped-query attention); the cache stores the K/V heads
+    as given and the decoder repeats them for its query heads.
+
+    - ``length``: tokens already stored (the past); a decoder offsets its positions by it.
+    - ``max_len``: the most tokens it can hold (prompt + new tokens).
+    - ``update(layer, k, v) -> (keys, values)``: store the T new keys/values after the past and return all so far,
+      each (B, n_kv_heads, length + T, head_size). Every layer calls it once per forward.
+    - ``advance(T)``: called once by the decoder after all its layers have seen the T new tokens.
+    - ``cross[layer]``: that layer's context keys/values ``(k, v)``, each (B, n_kv_heads, N, head_size), or None
+      until ``splice.core.cache.context_kv`` projects them (once per generate call).
+    - ``reorder(index)``: row ``i`` becomes old row ``index[i]`` (beam search), self-attention K/V.
+    - ``repeat_interleave(n)``: every row repeated ``n`` times (beams, returned samples), self and cross K/V.
+    """
+
+    length: int
+    max_len: int
+    cross: list[tuple[Tensor, Tensor] | None]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def advance(self, T: int) -> None: ...
+
+    def reorder(self, index: Tensor) -> None: ...
+
+    def repeat_interleave(self, n: int) -> None: ...
