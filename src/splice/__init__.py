@@ -22,23 +22,34 @@ from splice.core.errors import (  # noqa: E402
     UnknownComponentError,
 )
 from splice.core.interfaces import (  # noqa: E402
+    CrossAttention,
+    CrossAttentionAdapter,
     DecoderOutput,
     EncoderOutput,
     HFInterop,
     LayerSpec,
     Preprocessing,
+    Projection,
+    TextDecoder,
+    TextEncoder,
+    TextEncoderOutput,
+    VisionEncoder,
 )
+from splice.core.kinds import Kind, Plan, TransformersFormat  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "CheckpointError", "ConfigError", "DecoderOutput", "EncoderOutput", "HFInterop", "IncompatibleComponentsError",
-    "InputError", "LayerSpec", "PluginError", "Preprocessing", "Problem", "SpliceError", "UnknownComponentError",
-    "compose", "export_transformers", "hookimpl", "list_components", "load", "schema", "validate",
+    "CheckpointError", "ConfigError", "CrossAttention", "CrossAttentionAdapter", "DecoderOutput", "EncoderOutput",
+    "HFInterop", "IncompatibleComponentsError", "InputError", "Kind", "LayerSpec", "Plan", "PluginError",
+    "Preprocessing", "Problem", "Projection", "SpliceError", "TextDecoder", "TextEncoder", "TextEncoderOutput",
+    "TransformersFormat", "UnknownComponentError", "VisionEncoder", "compose", "export_transformers", "hookimpl",
+    "list_components", "load", "schema", "validate",
 ]
 
 
 def validate(spec):
-    """Resolve and check a spec (a path, a preset name, a dict or a CompositionSpec); returns a ``Plan``."""
+    """Resolve and check a spec (a path, a preset name, a dict or a spec object) of any registered composition
+    kind (``kind:``; none: ``encoder-decoder``); returns a ``Plan`` whose ``problems`` list what is wrong."""
     from splice.core.composer import validate as _validate
 
     return _validate(spec)
@@ -95,8 +106,12 @@ def list_components(kind: str | None = None) -> list[dict]:
     return rows
 
 
-def schema() -> dict:
-    """JSON Schema of the composition spec."""
-    from splice.core.spec import schema as _schema
+def schema(kind: str | None = None) -> dict:
+    """JSON Schema of a composition kind's spec (default: ``encoder-decoder``)."""
+    if kind is None:
+        from splice.core.spec import schema as _schema
 
-    return _schema()
+        return _schema()
+    from splice.core.composer import get_kind
+
+    return get_kind(kind).spec_model.model_json_schema()

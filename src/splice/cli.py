@@ -168,7 +168,7 @@ def _cmd_caption(args) -> int:
 def _cmd_schema(args) -> int:
     import splice
 
-    print(json.dumps(splice.schema(), indent=2))
+    print(json.dumps(splice.schema(args.kind), indent=2))
     return 0
 
 
@@ -274,6 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_caption)
 
     p = sub.add_parser("schema", help="JSON Schema of the composition spec")
+    p.add_argument("--kind", default=None, help="a composition kind (`splice list --kind kind`); default encoder-decoder")
     p.set_defaults(fn=_cmd_schema)
 
     p = sub.add_parser("demo", help="the embedded default: train a tiny captioner on synthetic shapes, then caption")

@@ -35,11 +35,13 @@ def plugin_fault(entry: Entry, path: str, where: str, exc: BaseException) -> Pro
     """A Problem for an exception a plugin raised where it should have returned or raised a SpliceError."""
     return Problem(
         path,
-        f"{entry.kind} {entry.name!r} from plugin {entry.plugin!r} failed in {where}: "
+        f"{entry.kind} {entry.name!r} from plugin {entry.plugin!r}{f' (package {entry.dist!r})' if entry.dist else ''} "
+        f"failed in {where}: "
         f"{type(exc).__name__}: {clip(str(exc), 300)}",
         expected="a built component, or a SpliceError naming the problem",
         fix=f"report this to the author of plugin {entry.plugin!r}, or pick another {entry.kind}; "
         f"SPLICE_DISABLE_PLUGINS={entry.plugin} switches it off",
+        error="plugin",
     )
 
 

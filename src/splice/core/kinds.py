@@ -110,8 +110,7 @@ class Plan:
     def resolved_spec(self) -> dict:
         """The spec with presets expanded into full component configs (what ``splice.json`` stores)."""
         assert self.spec is not None
-        out = self.spec.model_dump(mode="json")
-        out["kind"] = self.kind
+        out = self.spec.model_dump(mode="json")  # its `kind` included
         for part in self.components():
             out[part.role] = {"name": part.family, "pretrained": False, "config": part.config.model_dump(mode="json")}
         return out

@@ -36,7 +36,51 @@ def shift_right(labels: Tensor, pad: int, start: int) -> Tensor:
     return shifted.masked_fill_(shifted == -100, pad)
 
 
-class EncoderDecoderModel(nn.Module):
+class ComposedModel(nn.Module):
+    """What every composition kind's model is: an ``nn.Module`` that carries its resolved ``spec`` (written to
+    ``splice.json``), ``generation_defaults``, ``tokenizer`` and ``image_processor`` (saved beside the weights), the
+    ``loading_report`` of its last load, and saves itself with ``save_pretrained``. A kind's model subclasses it
+    and calls ``super().__init__(spec)`` first.
+
+    ``image_processor`` None: ``save_pretrained`` derives one from ``self.encoder.preprocessing`` when the model
+    has a vision encoder under that name."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = spec  # the resolved composition spec: written to splice.json
+        self.loading_report = None
+        self.generation_defaults: dict[str, Any] = {}
+        self.tokenizer = None  # a tokenizers.Tokenizer, saved beside the weights as tokenizer.json
+        self.image_processor = None  # an ImageProcessor; None: derived from the encoder's preprocessing
+
+    def freeze_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The parts ``freeze`` can name, each with its parameters (a kind's model says what they are)."""
+        return {}
+
+    def freeze(self, parts: list[str]) -> None:
+        """Turn off gradients for the named parts (``freeze_groups`` lists them)."""
+        groups = self.freeze_groups()
+        unknown = [p for p in parts if p not in groups]
+        if unknown:
+            raise input_error("freeze", "not a part of this model", given=unknown,
+                              expected=", ".join(groups) or "nothing (this model has no named parts)",
+                              fix="name the parts to freeze from the list above")
+        for part in parts:
+            for p in groups[part]:
+                p.requires_grad_(False)
+
+    def save_pretrained(self, path, *, extra_files: dict[str, bytes] | None = None) -> None:
+        """Write ``splice.json`` + ``model.safetensors`` (and the processor, tokenizer, generation defaults)
+        atomically: a temp folder, then a rename."""
+        from splice.core.checkpoint import save_pretrained
+
+        save_pretrained(self, path, extra_files=extra_files)
+
+    def num_parameters(self, *, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+class EncoderDecoderModel(ComposedModel):
     """A vision encoder, an optional projection ``enc_to_dec_proj``, and a decoder with cross-attention.
 
     Parameter names follow transformers at the top level (``encoder.``, ``decoder.``, ``enc_to_dec_proj.``).
@@ -52,21 +96,13 @@ class EncoderDecoderModel(nn.Module):
         spec: dict,
         cross_attention: list[nn.Module] | None = None,
     ):
-        super().__init__()
+        super().__init__(spec)
         self.encoder = encoder
         self.decoder = decoder
-        if enc_to_dec_proj is not None:
-            self.enc_to_dec_proj = enc_to_dec_proj
-        else:
-            self.enc_to_dec_proj = None
+        self.enc_to_dec_proj = enc_to_dec_proj
         self.tokens = dict(tokens)
-        self.spec = spec  # the resolved composition spec: written to splice.json
         # the modules the adapters installed (kept as a plain list: their parameters live in the decoder)
         self.cross_attention_modules = list(cross_attention or [])
-        self.loading_report = None
-        self.generation_defaults: dict[str, Any] = {}
-        self.tokenizer = None  # a tokenizers.Tokenizer, saved beside the weights as tokenizer.json
-        self.image_processor = None  # an ImageProcessor; None: derived from the encoder's preprocessing
 
     # -- pieces ---------------------------------------------------------------------------------------
     def encode(self, pixel_values: Tensor) -> EncoderOutput:
@@ -155,33 +191,16 @@ class EncoderDecoderModel(nn.Module):
 
         return generate(self, pixel_values, **kwargs)
 
-    # -- saving ---------------------------------------------------------------------------------------
-    def save_pretrained(self, path, *, extra_files: dict[str, bytes] | None = None) -> None:
-        """Write ``splice.json`` + ``model.safetensors`` atomically (a temp folder, then a rename)."""
-        from splice.core.checkpoint import save_pretrained
-
-        save_pretrained(self, path, extra_files=extra_files)
-
-    def freeze(self, parts: list[str]) -> None:
-        """Turn off gradients for the named parts (``encoder``, ``decoder``, ``cross_attention``, ``projection``);
-        the adapters' modules stay trainable unless named."""
+    def freeze_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``encoder``, ``decoder``, ``cross_attention``, ``projection``: the adapters' modules stay trainable
+        unless named."""
         cross = {id(p) for m in self.cross_attention_modules for p in m.parameters()}
-        groups = {
+        return {
             "encoder": list(self.encoder.parameters()),
             "decoder": [p for p in self.decoder.parameters() if id(p) not in cross],
             "cross_attention": [p for m in self.cross_attention_modules for p in m.parameters()],
             "projection": list(self.enc_to_dec_proj.parameters()) if self.enc_to_dec_proj is not None else [],
         }
-        unknown = [p for p in parts if p not in groups]
-        if unknown:
-            raise input_error("freeze", "not a part of this model", given=unknown, expected=", ".join(groups),
-                              fix="name the parts to freeze from the list above")
-        for part in parts:
-            for p in groups[part]:
-                p.requires_grad_(False)
-
-    def num_parameters(self, *, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
 def _loss(logits: Tensor, labels: Tensor, kept: int | None) -> Tensor:

@@ -512,7 +512,7 @@ def _fault(kind: str, name: str, source: _Source, where: str, path: str, exc: Ba
         return ConfigError([Problem(path, message, expected="a config this machine has the memory to build",
                                     fix=f"lower the sizes in the {kind}'s config")])
     return PluginError([Problem(path, message, expected="a built component, or a SpliceError naming the problem",
-                                fix=_timeout_fix(source, exc, var))])
+                                fix=_timeout_fix(source, exc, var), error="plugin")])
 
 
 def _guard_builder(builder: Callable, kind: str, name: str, source: _Source, where: str = "its builder") -> Callable:

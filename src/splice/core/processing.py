@@ -338,7 +338,11 @@ def _size(path: str | Path) -> int | None:
         return None
 
 
-def processor_for(model) -> ImageProcessor:
-    """The model's image processor: the one saved/loaded with it, else from its encoder's data config."""
+def processor_for(model) -> ImageProcessor | None:
+    """The model's image processor: the one saved/loaded with it, else from its encoder's data config; None for
+    a model without either (a kind with no vision encoder named ``encoder``)."""
     proc = getattr(model, "image_processor", None)
-    return proc if proc is not None else ImageProcessor.from_preprocessing(model.encoder.preprocessing)
+    if proc is not None:
+        return proc
+    preprocessing = getattr(getattr(model, "encoder", None), "preprocessing", None)
+    return None if preprocessing is None else ImageProcessor.from_preprocessing(preprocessing)

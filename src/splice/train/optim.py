@@ -64,8 +64,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def token_loss_sum(model: nn.Module, pixel_values: Tensor, labels: Tensor) -> Tensor:
-    """Summed cross-entropy over the label tokens that are not -100 (the caller divides by the global count)."""
+    """Summed cross-entropy over the label tokens that are not -100 (the caller divides by the global count).
+
+    An encoder-decoder's inputs are its labels shifted right; any other kind's model is called as
+    ``model(pixel_values=..., labels=...)`` and its ``loss`` (the mean over labels that are not -100) is scaled
+    back to the sum."""
     core = model.module if hasattr(model, "module") else model
+    if not hasattr(core, "tokens"):  # another composition kind: its own loss
+        loss = model(pixel_values=pixel_values, labels=labels).loss
+        return loss.float() * (labels != -100).sum()
     start, pad = core.tokens.get("decoder_start"), core.tokens.get("pad")
     if start is None or pad is None:
         raise InputError(
