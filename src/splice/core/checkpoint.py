@@ -103,11 +103,13 @@ def save_pretrained(model, path: str | os.PathLike, *, extra_files: dict[str, by
         tensors, tied = _dedupe(model.state_dict())
         meta = {"format": "splice", "version": str(FORMAT_VERSION), "tied": json.dumps(tied)}
         save_file(tensors, tmp / WEIGHTS, metadata=meta)
-        if model.generation_defaults:
+        if getattr(model, "generation_defaults", None):
             (tmp / GENERATION).write_text(json.dumps(model.generation_defaults, indent=2) + "\n")
         from splice.core.processing import processor_for
 
-        processor_for(model).save(tmp)
+        processor = processor_for(model)
+        if processor is not None:
+            processor.save(tmp)
         if getattr(model, "tokenizer", None) is not None:
             (tmp / "tokenizer.json").write_text(model.tokenizer.to_str())
         for name, data in extra.items():
@@ -597,18 +599,17 @@ def _check_recorded_files(folder: Path, path: Path, files: object, verify: bool)
 
 
 def checked_generation(path: Path, data: object) -> dict:
-    """Generation defaults read from ``path``: a mapping whose options ``generate`` accepts, checked by the rules
-    of its arguments, so that a bad value is reported at load, naming the file and the option."""
-    from types import SimpleNamespace
-
+    """Generation defaults read from ``path``: a mapping whose options ``generate`` accepts, checked by
+    ``GenerationOptions`` (each option's bound, then the bounds between options, as for a one-token prompt), so that
+    a bad value is reported at load, naming the file and the option. Other keys are kept as they are."""
     from splice.core.errors import InputError
-    from splice.core.generation import resolve_settings
+    from splice.core.generation import GenerationOptions
 
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: holds {_described(data)}\n    expected: a mapping of "
                               f"generation options (max_length, num_beams, ...)\n    fix: {AGAIN}")
     try:
-        resolve_settings(SimpleNamespace(generation_defaults=data, tokens={}), {}, prompt_len=1)
+        GenerationOptions.from_mapping(data, unknown="ignore").resolve(prompt_len=1)
     except InputError as exc:
         problem = exc.problems[0]
         option = re.fullmatch(r"generate\((\w+)=\.\.\.\)", problem.path)
