@@ -24,6 +24,7 @@ from splice.core.errors import (  # noqa: E402
 from splice.core.interfaces import (  # noqa: E402
     CrossAttention,
     CrossAttentionAdapter,
+    DecoderCache,
     DecoderOutput,
     EncoderOutput,
     HFInterop,
@@ -36,14 +37,17 @@ from splice.core.interfaces import (  # noqa: E402
     VisionEncoder,
 )
 from splice.core.kinds import Kind, Plan, TransformersFormat  # noqa: E402
+from splice.core.cache import KVCache, context_kv  # noqa: E402
+from splice.core.generation import GenerationOptions  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "CheckpointError", "ConfigError", "CrossAttention", "CrossAttentionAdapter", "DecoderOutput", "EncoderOutput",
-    "HFInterop", "IncompatibleComponentsError", "InputError", "Kind", "LayerSpec", "Plan", "PluginError",
+    "CheckpointError", "ConfigError", "CrossAttention", "CrossAttentionAdapter", "DecoderCache", "DecoderOutput",
+    "EncoderOutput", "GenerationOptions", "HFInterop", "IncompatibleComponentsError", "InputError", "KVCache", "Kind",
+    "LayerSpec", "Plan", "PluginError",
     "Preprocessing", "Problem", "Projection", "SpliceError", "TextDecoder", "TextEncoder", "TextEncoderOutput",
     "TransformersFormat", "UnknownComponentError", "VisionEncoder", "compose", "export_transformers", "hookimpl",
-    "list_components", "load", "schema", "validate",
+    "context_kv", "list_components", "load", "schema", "validate",
 ]
 
 

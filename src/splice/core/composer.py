@@ -132,11 +132,17 @@ def _is_timm_model(name: str) -> bool:
 
 
 def build_part(part: Part, problems: list[Problem]) -> nn.Module | None:
-    """The part's module from its plugin's builder, checked against its role (``roles.check_role``); sets
-    ``part.width``. None (with one problem naming the plugin) when the builder fails or the module lies."""
+    """The part's module from its plugin's builder; sets ``part.width``. Built on the meta device (``validate``),
+    it is checked against its role (``roles.check_role``: attributes and a dry forward); a real build was checked
+    by the validate before it. None (with one problem naming the plugin) when the builder fails or the module
+    lies."""
     module = plugin_call(problems, part.entry, f"{part.role}.config", lambda: part.entry.builder(part.config),
                          path_for_fault=f"{part.role}.name")
-    if module is None or not check_role(part.entry, module, f"{part.role}.name", problems):
+    if module is None:
+        return None
+    on_meta = isinstance(module, nn.Module) and any(p.is_meta for p in module.parameters())
+    if (on_meta or not isinstance(module, nn.Module)) and not check_role(part.entry, module, f"{part.role}.name",
+                                                                          problems):
         return None
     part.width = getattr(module, "hidden_size", 0)
     return module

@@ -88,7 +88,7 @@ class TextDecoder(Protocol):
         context: Tensor | None = None,  # (B, N, D_ctx)
         context_mask: Tensor | None = None,  # (B, N) 1 = attend, 0 = padding; None = all
         attention_mask: Tensor | None = None,  # (B, L) 1 = real token, 0 = padding; covers past + new
-        cache: Any = None,  # a splice.core.generation.KVCache
+        cache: Any = None,  # a DecoderCache (splice.core.cache.KVCache is splice's)
     ) -> DecoderOutput: ...
 
 

@@ -22,6 +22,7 @@ from splice.core.errors import CheckpointError, ConfigError, error_for, short
 from splice.core.kinds import DEFAULT_KIND, TransformersFormat
 from splice.core.plugins import get_registry
 from splice.core.processing import ImageProcessor
+from splice.core.roles import unchecked
 from splice.core.sources import fetch, parse
 from splice.core.transformers_format import generation_options
 
@@ -64,7 +65,8 @@ def load_splice(folder: Path, *, dtype, strict: bool, verify: bool = True):
     check_weights_metadata(weights, meta, config["version"])
     for alias, original in tied_aliases(meta, tensors, str(weights)).items():
         tensors[alias] = tensors[original]
-    plan = validate(config["spec"])
+    with unchecked():  # the tensors are checked against the model below
+        plan = validate(config["spec"])
     if not plan.ok:  # e.g. the plugin that provides a component is not installed here
         raise error_for(plan.problems, source=str(folder / SPLICE_CONFIG))
     model = plan.meta_model
@@ -86,7 +88,8 @@ def load_transformers(folder: Path, *, dtype: torch.dtype | None = None, strict:
         generation.update(generation_options(gen_file))
     source = str(weights_file(folder))
     tensors = lazy_weights(folder)  # read one tensor at a time, so converted originals are freed as we go
-    plan = validate(spec)
+    with unchecked():  # the tensors are checked against the model below
+        plan = validate(spec)
     if not plan.ok:
         raise ConfigError(plan.problems, source=f"{config_file} (as a splice spec)")
     model = plan.meta_model

@@ -1,16 +1,23 @@
 """Each built component checked against its role: the Protocol's attributes, then a dry forward.
 
-``validate`` calls ``check_role`` on every component it builds. The dry forward runs on a copy of the module:
-with real zero weights when the component is small (up to ``REAL_DRY_FORWARD`` parameters), else on the meta
-device (no memory, shapes only; a module that cannot run on meta is not dry-run). It catches a declared width
-that differs from the real one, a wrong return type and a vocabulary that disagrees with the logits. Each
-finding is one ``Problem`` naming the component, its plugin and the package that installed it.
+``validate`` calls ``check_role`` on every component it builds. The dry forward runs on a copy of the module: with
+real zero weights when it is small (up to ``REAL_DRY_FORWARD`` parameters), else on the meta device (no memory,
+shapes only; meta ops run through Python reference kernels, about 1 s for a ViT-B + GPT-2 pair). A module that
+cannot run on meta (an op without a meta kernel, a check that reads values) is not dry-run. ``splice.load`` runs
+the attribute checks only (``unchecked``): the folder's tensors are checked against the model instead, and a load
+stays as fast as reading the weights.
+
+The dry forward catches a declared width that differs from the real one, a wrong return type and a vocabulary
+that disagrees with the logits. Each finding is one ``Problem`` naming the component, its plugin and the package
+that installed it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -21,10 +28,21 @@ from splice.core.meta import init_meta_buffers
 from splice.core.plugins import BUILD_TIMEOUT_ENV, DEFAULT_BUILD_TIMEOUT, run_plugin_code, time_limit
 from splice.core.registry import Entry
 
-REAL_DRY_FORWARD = 1 << 22  # parameters (16 MiB in fp32): smaller components get a dry forward on real zeros
+REAL_DRY_FORWARD = 1 << 22  # parameters (16 MiB in fp32): a component that cannot run on meta is dry-run on zeros up to this
 _DRY_TOKENS = 2  # the text length of a dry forward
 ROLE_NAMES = {"encoder": "vision encoder", "decoder": "text decoder", "text_encoder": "text encoder"}
 _SKIPPED = object()
+_CHECKING = contextvars.ContextVar("splice_dry_forward", default=True)
+
+
+@contextlib.contextmanager
+def unchecked() -> Iterator[None]:
+    """Inside: no dry forward (the attribute checks still run). ``splice.load`` plans under it."""
+    token = _CHECKING.set(False)
+    try:
+        yield
+    finally:
+        _CHECKING.reset(token)
 
 
 def who(entry: Entry) -> str:
@@ -71,39 +89,55 @@ def short_value(value: Any) -> str:
 
 def _dry(entry: Entry, module: nn.Module, path: str, what: str, call: Callable[[nn.Module, str], Any],
          problems: list[Problem]) -> Any:
-    """``call(twin, device)`` on a copy of ``module`` (real zeros when small, else meta); ``_SKIPPED`` when the
-    module cannot run on meta, None (with a problem) when the forward fails."""
-    twin, device = _twin(module)
+    """``call(twin, device)`` on a copy of ``module``: a small module on real zeros (fast: meta ops run through
+    Python reference kernels), a large one on the meta device (shapes only, no memory). ``_SKIPPED`` when it
+    cannot run (no meta kernel for an op, a check that reads values), or when checks are off (``unchecked``);
+    None (with a problem) when the forward fails."""
+    if not _CHECKING.get():
+        return _SKIPPED
+    limit = time_limit(BUILD_TIMEOUT_ENV, DEFAULT_BUILD_TIMEOUT)
+    small = sum(p.numel() for p in module.parameters()) <= REAL_DRY_FORWARD
+    for device in ("cpu", "meta") if small else ("meta",):
+        twin = _twin(module, device)
+        if twin is None:
+            continue
 
-    def run():
-        with torch.no_grad():
-            return call(twin, device)
+        def run(twin=twin, device=device):
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # a tiny forward: thread start-up would cost more than the work
+            try:
+                with torch.no_grad():
+                    return call(twin, device)
+            finally:
+                torch.set_num_threads(threads)
 
-    value, exc = run_plugin_code(run, time_limit(BUILD_TIMEOUT_ENV, DEFAULT_BUILD_TIMEOUT))
-    if exc is None:
-        return value
-    if device == "meta" and "meta" in str(exc).lower() and not isinstance(exc, SpliceError):
-        return _SKIPPED  # an op without a meta kernel, or one that reads values: shapes cannot be checked here
-    text = clip(" ".join(str(exc).split()), 300)
-    problems.append(lie(entry, path, f"its forward fails on {what}: {type(exc).__name__}: {text}",
-                        expected=f"a {ROLE_NAMES[entry.kind]} that runs on any valid input"))
-    return None
+        value, exc = run_plugin_code(run, limit)
+        if exc is None:
+            return value
+        if device == "meta" and "meta" in str(exc).lower() and not isinstance(exc, SpliceError):
+            return _SKIPPED  # an op without a meta kernel, or one that reads values: shapes cannot be checked
+        text = clip(" ".join(str(exc).split()), 300)
+        problems.append(lie(entry, path, f"its forward fails on {what}: {type(exc).__name__}: {text}",
+                            expected=f"a {ROLE_NAMES.get(entry.kind, entry.kind)} that runs on any valid input"))
+        return None
+    return _SKIPPED
 
 
-def _twin(module: nn.Module) -> tuple[nn.Module, str]:
-    """A copy to dry-run: with real zero parameters when small, else wholly on meta (buffers too)."""
-    if sum(p.numel() for p in module.parameters()) <= REAL_DRY_FORWARD:
-        twin = copy.deepcopy(module).eval()
-        for sub in twin.modules():
-            for name, p in list(sub._parameters.items()):
-                if p is not None and p.is_meta:
-                    sub._parameters[name] = nn.Parameter(torch.zeros(p.shape, dtype=p.dtype), requires_grad=False)
-        try:
-            init_meta_buffers(twin)  # buffers derived from the (meta) parameters, recomputed
-            return twin, "cpu"
-        except SpliceError:
-            pass  # buffers it cannot recompute: shapes on meta instead
-    return copy.deepcopy(module).eval().to("meta"), "meta"
+def _twin(module: nn.Module, device: str) -> nn.Module | None:
+    """A copy to dry-run: wholly on meta (buffers too), or with real zero parameters (None: buffers that cannot
+    be recomputed from them)."""
+    if device == "meta":
+        return copy.deepcopy(module).eval().to("meta")
+    twin = copy.deepcopy(module).eval()
+    for sub in twin.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.is_meta:
+                sub._parameters[name] = nn.Parameter(torch.zeros(p.shape, dtype=p.dtype), requires_grad=False)
+    try:
+        init_meta_buffers(twin)  # buffers derived from the (meta) parameters, recomputed
+    except SpliceError:
+        return None
+    return twin
 
 
 def _tensor(value: Any) -> bool:
