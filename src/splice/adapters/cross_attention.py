@@ -14,7 +14,7 @@ hidden state, residual and norms included.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,8 @@ from splice.core.interfaces import LayerSpec
 from splice.plugins._shared import bounded_real
 
 __all__ = [
+    "STANDARD_PARAMS",
+    "StandardParams",
     "StandardCrossAttention",
     "GatedCrossAttention",
     "StandardAdapter",
@@ -37,6 +39,33 @@ __all__ = [
     "build_gated",
     "context_attention_mask",
 ]
+
+
+class StandardParams(NamedTuple):
+    """The state-dict names of a ``StandardCrossAttention``, relative to the module (the decoder layer's slot).
+
+    A decoder's checkpoint table spells the standard adapter's tensors through ``STANDARD_PARAMS``, e.g. GPT-2's
+    ``Row("ln_cross_attn.weight", "crossattention." + STANDARD_PARAMS.norm_weight, (D,))``, so a rename here
+    reaches every table. Iterating gives all ten names; with ``bias=False`` the four projection biases are absent.
+    A test checks these against the module's real ``state_dict``.
+    """
+
+    norm_weight: str
+    norm_bias: str
+    q_weight: str
+    q_bias: str
+    k_weight: str
+    k_bias: str
+    v_weight: str
+    v_bias: str
+    out_weight: str
+    out_bias: str
+
+
+STANDARD_PARAMS = StandardParams(
+    "norm.weight", "norm.bias", "q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias",
+    "v_proj.weight", "v_proj.bias", "o_proj.weight", "o_proj.bias",
+)
 
 
 def context_attention_mask(context_mask: Tensor | None) -> Tensor | None:

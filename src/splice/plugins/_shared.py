@@ -7,8 +7,8 @@ otherwise be written once per decoder:
   bookkeeping) and the cross-attention slots, around a subclass's ``embed``, ``layers`` and ``output``;
 - ``attention`` and ``cached_context_kv``: one attention step (self-attention through the ``KVCache``), and a
   layer's cross-attention keys/values, projected once per generation;
-- ``map_from_hf`` / ``map_to_hf``: a transformers state dict read or written through a table of names, shapes and
-  layout ops, every shape checked;
+- ``STANDARD_ONLY``: the fix an export names when a layer holds a cross-attention module transformers cannot
+  express (the checkpoint tables themselves are written in ``splice.core.keymap``);
 - ``DecoderConfig``, ``ACTIVATION_FNS`` and ``normal_init`` for the configs, MLPs and initialisation;
 - the bounds every component Config accepts (``bounded_int``, ``bounded_real`` and the types built from them, the
   ``MAX_*`` limits and ``check_build_memory``), shared with the vision encoders and adapters: docs/limits.md.
@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, model_validator
 from torch import Tensor, nn
 
-from splice.core.errors import CheckpointError, InputError
+from splice.core.errors import InputError
 from splice.core.interfaces import DecoderOutput, LayerSpec
+from splice.core.keymap import DUPLICATE, Row, check_shape
+from splice.core.keymap import from_hf as map_from_hf, to_hf as map_to_hf
 
 __all__ = [
     "MAX_LAYERS", "MAX_WIDTH", "MAX_FFN", "MAX_HEADS", "MAX_VOCAB", "MAX_POSITIONS", "MAX_WEIGHT", "BUILD_MEMORY_LIMIT",
@@ -383,90 +385,8 @@ class NativeDecoder(nn.Module):
 
 
 # ---- transformers checkpoints -----------------------------------------------------------------------------
+# The table language is public: ``splice.core.keymap`` (``Row``, ``from_hf``, ``to_hf``). ``Row``, ``DUPLICATE``,
+# ``check_shape`` and ``map_from_hf`` / ``map_to_hf`` (= ``from_hf`` / ``to_hf``) stay importable from here.
 
-Row = tuple[tuple[int, ...], tuple[str, ...], str]  # (transformers shape, our names, op)
-
-# ops, transformers -> ours: ``copy``; ``t`` transpose a Conv1D weight; ``split`` halve a packed K/V bias;
-# ``split_t`` halve a packed K/V Conv1D weight along its output dim and transpose both halves
-_FROM_HF: dict[str, Callable[[Tensor], tuple[Tensor, ...]]] = {
-    "copy": lambda t: (t,),
-    "t": lambda t: (t.t().contiguous(),),  # Conv1D (in, out) -> Linear (out, in)
-    "split": lambda t: tuple(h.contiguous() for h in t.chunk(2, dim=0)),  # each (D,)
-    "split_t": lambda t: tuple(h.t().contiguous() for h in t.chunk(2, dim=1)),  # (D_ctx, 2D) -> each (D, D_ctx)
-}
-_TO_HF: dict[str, Callable[[list[Tensor]], Tensor]] = {
-    "copy": lambda ts: ts[0],
-    "t": lambda ts: ts[0].t(),
-    "split": lambda ts: torch.cat(ts, dim=0),  # (2D,)
-    "split_t": lambda ts: torch.cat([h.t() for h in ts], dim=1),  # (D_ctx, 2D)
-}
-
-DUPLICATE = "<duplicate>"  # what a ``name_of`` gives a tensor to pass over silently (a tied copy)
 STANDARD_ONLY = ("export only the standard cross-attention kind (gated or third-party modules have no transformers "
                  "equivalent), or save in splice format")
-
-
-def check_shape(key: str, tensor: Tensor, shape: tuple[int, ...], config: str) -> None:
-    if tuple(tensor.shape) != shape:
-        raise CheckpointError(
-            f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape} from the config ({config}); "
-            f"fix: load it with the config.json it was saved with"
-        )
-
-
-def map_from_hf(
-    sd: dict[str, Tensor], table: dict[str, Row], name_of: Callable[[str], str | None], config: str
-) -> tuple[dict[str, Tensor], list[str]]:
-    """transformers tensors -> (ours, unused keys), through ``table`` (transformers name -> row).
-
-    ``name_of(key)`` is the key's name in the table (prefixes removed), ``DUPLICATE`` for a tensor to pass over,
-    or None for one to report unused, as is any name the table lacks. ``config`` (the sizes the shapes came from)
-    is quoted when a shape is off.
-    """
-    mapped: dict[str, Tensor] = {}
-    unused: list[str] = []
-    for key, tensor in sd.items():
-        name = name_of(key)
-        if name == DUPLICATE:
-            continue
-        if name not in table:
-            unused.append(key)
-            continue
-        shape, ours, op = table[name]
-        check_shape(key, tensor, shape, config)
-        mapped.update(zip(ours, _FROM_HF[op](tensor)))
-    return mapped, unused
-
-
-def map_to_hf(
-    sd: dict[str, Tensor], table: dict[str, Row], hf_key: Callable[[str], str], layout: str, fix: str,
-    required: bool = False,
-) -> dict[str, Tensor]:
-    """Ours -> transformers tensors, through ``table``; ``hf_key`` gives a table name its on-disk key.
-
-    A row none of whose tensors is in ``sd`` is left out (e.g. a layer without cross-attention) unless
-    ``required``; a tensor no row takes raises, naming the ``layout`` and the ``fix``.
-    """
-    out: dict[str, Tensor] = {}
-    consumed: set[str] = set()
-    for hf_name, (shape, ours, op) in table.items():
-        present = [o for o in ours if o in sd]
-        if not present and not required:
-            continue
-        if len(present) != len(ours):
-            missing = sorted(set(ours) - set(present))
-            raise CheckpointError(f"cannot write {hf_name!r}: it needs {list(ours)}, but {missing} are missing")
-        t = _TO_HF[op]([sd[o] for o in ours])
-        if tuple(t.shape) != shape:
-            raise CheckpointError(
-                f"tensor(s) {list(ours)} give {hf_name!r} shape {tuple(t.shape)}, expected {shape} from the config"
-            )
-        out[hf_key(hf_name)] = t.contiguous()
-        consumed.update(ours)
-    left = sorted(set(sd) - consumed)
-    if left:
-        raise CheckpointError(
-            f"{len(left)} tensor(s) have no place in transformers' {layout} layout: {left[:8]}"
-            f"{' ...' if len(left) > 8 else ''}; fix: {fix}"
-        )
-    return out

@@ -28,8 +28,9 @@ from splice import hookimpl
 from splice.core.kernels import Linear, dropout, linear
 from splice.core.errors import ConfigError, IncompatibleComponentsError, InputError, Problem, short
 from splice.core.interfaces import HFInterop
+from splice.core.keymap import DUPLICATE, Row, check_shape, from_hf, to_hf
 from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
-from splice.plugins._shared import DUPLICATE, DecoderConfig, Row, check_shape, map_from_hf, map_to_hf
+from splice.plugins._shared import DecoderConfig
 from splice.plugins._shared import FFNWidth, Heads, InitStd, Layers, Positions, Probability, TokenId, Vocab, Width
 
 __all__ = [
@@ -335,32 +336,35 @@ def config_to_hf(values: dict) -> dict:
     return out
 
 
-def _table(hf_config: dict) -> dict[str, Row]:
-    """HF name without ``model.decoder.`` (our name too) -> (shape, (our name,), "copy"), for every tensor."""
-    D = hf_config.get("d_model", 1024)
+def _embed_shape(hf_config: dict) -> tuple[int, int]:
+    return hf_config.get("vocab_size", 50265), hf_config.get("d_model", 1024)
+
+
+def _table(hf_config: dict) -> list[Row]:
+    """Every tensor, copied as is under the same name (``model.decoder.`` removed on disk), with its shape."""
+    V, D = _embed_shape(hf_config)
     Fd = hf_config.get("decoder_ffn_dim", 4096)
-    V = hf_config.get("vocab_size", 50265)
     P = hf_config.get("max_position_embeddings", 1024) + POSITION_OFFSET
-    table = {
+    shapes = {
         "embed_tokens.weight": (V, D),
         "embed_positions.weight": (P, D),
         "layernorm_embedding.weight": (D,),
         "layernorm_embedding.bias": (D,),
     }
     if not hf_config.get("tie_word_embeddings", True):
-        table["lm_head.weight"] = (V, D)
+        shapes["lm_head.weight"] = (V, D)
     for n in range(hf_config.get("decoder_layers", 12)):
         p = f"layers.{n}."
         for attn in ("self_attn", "encoder_attn"):
             for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                table[f"{p}{attn}.{proj}.weight"] = (D, D)
-                table[f"{p}{attn}.{proj}.bias"] = (D,)
+                shapes[f"{p}{attn}.{proj}.weight"] = (D, D)
+                shapes[f"{p}{attn}.{proj}.bias"] = (D,)
         for norm in ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"):
-            table[f"{p}{norm}.weight"] = (D,)
-            table[f"{p}{norm}.bias"] = (D,)
-        table[f"{p}fc1.weight"], table[f"{p}fc1.bias"] = (Fd, D), (Fd,)
-        table[f"{p}fc2.weight"], table[f"{p}fc2.bias"] = (D, Fd), (D,)
-    return {name: (shape, (name,), "copy") for name, shape in table.items()}
+            shapes[f"{p}{norm}.weight"] = (D,)
+            shapes[f"{p}{norm}.bias"] = (D,)
+        shapes[f"{p}fc1.weight"], shapes[f"{p}fc1.bias"] = (Fd, D), (Fd,)
+        shapes[f"{p}fc2.weight"], shapes[f"{p}fc2.bias"] = (D, Fd), (D,)
+    return [Row(name, name, shape) for name, shape in shapes.items()]
 
 
 def _sizes(hf_config: dict) -> str:
@@ -389,11 +393,11 @@ def state_dict_from_hf(sd: dict[str, Tensor], hf_config: dict) -> tuple[dict[str
         # a tied lm_head duplicates the (shared) embedding matrix (torch.save .bin files carry it)
         return DUPLICATE if name == "lm_head.weight" and tied else name
 
-    mapped, unused = map_from_hf(sd, table, name_of, _sizes(hf_config))
+    mapped, unused = from_hf(sd, table, name_of, _sizes(hf_config))
     shared = [(key, tensor) for key, tensor in sd.items() if key.removeprefix("model.") == _SHARED]
     if shared and "embed_tokens.weight" not in mapped:
         key, tensor = shared[-1]
-        check_shape(key, tensor, table["embed_tokens.weight"][0], _sizes(hf_config))
+        check_shape(key, tensor, _embed_shape(hf_config), _sizes(hf_config))
         mapped["embed_tokens.weight"] = tensor  # decoder.embed_tokens.weight <- shared.weight
         note = (f"embed_tokens.weight (and the tied LM head) filled from {key}: this file has no decoder "
                 "embedding of its own (transformers' BartForCausalLM.from_pretrained leaves it random here)")
@@ -403,7 +407,7 @@ def state_dict_from_hf(sd: dict[str, Tensor], hf_config: dict) -> tuple[dict[str
 
 def state_dict_to_hf(sd: dict[str, Tensor], hf_config: dict) -> dict[str, Tensor]:
     """Ours -> ``BartForCausalLM`` on-disk names (``model.decoder.`` prefix; ``lm_head.weight`` only when untied)."""
-    return map_to_hf(
+    return to_hf(
         sd, _table(hf_config), lambda name: name if name == "lm_head.weight" else "model.decoder." + name,
         layout="BartForCausalLM", required=True,
         fix="export with the config the model was built from, or save in splice format",

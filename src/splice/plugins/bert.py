@@ -36,11 +36,13 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from splice import hookimpl
+from splice.adapters.cross_attention import STANDARD_PARAMS
 from splice.core.kernels import Linear, dropout, linear
 from splice.core.errors import ConfigError, Problem
 from splice.core.interfaces import HFInterop
+from splice.core.keymap import DUPLICATE, Row, from_hf, to_hf
 from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
-from splice.plugins._shared import DUPLICATE, STANDARD_ONLY, DecoderConfig, Row, map_from_hf, map_to_hf
+from splice.plugins._shared import STANDARD_ONLY, DecoderConfig
 from splice.plugins._shared import Eps, FFNWidth, Heads, InitStd, Layers, Positions, Probability, TokenId, Vocab, Width
 from splice.plugins._shared import bounded_int
 
@@ -281,38 +283,27 @@ class HFLayout:
         return {k: get(k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
                                     "max_position_embeddings", "type_vocab_size")}
 
-    def table(self, hf: dict) -> dict[str, Row]:
-        """HF name (head names as on disk, base names without ``prefix``) -> (HF shape, (our name,), "copy")."""
+    def table(self, hf: dict) -> list[Row]:
+        """Every tensor of this config, copied as is: HF name (head names as on disk, base names without
+        ``prefix``), our name, HF shape (``splice.core.keymap``)."""
         d = self.dims(hf)
         V, D, I, P, TV = d["vocab_size"], d["hidden_size"], d["intermediate_size"], d["max_position_embeddings"], \
             d["type_vocab_size"]
-        table: dict[str, tuple[tuple[int, ...], str]] = {
-            "embeddings.word_embeddings.weight": ((V, D), "embeddings.word.weight"),
-            "embeddings.position_embeddings.weight": ((P, D), "embeddings.position.weight"),
-            "embeddings.token_type_embeddings.weight": ((TV, D), "embeddings.token_type.weight"),
-            "embeddings.LayerNorm.weight": ((D,), "embeddings.norm.weight"),
-            "embeddings.LayerNorm.bias": ((D,), "embeddings.norm.bias"),
-            self.head_bias: ((V,), "head.bias"),
-        }
-        table.update({hf_name: ((D, D) if hf_name.endswith("dense.weight") else (D,), ours)
-                      for hf_name, ours in self.head.items()})
-        linear = lambda out, inp: {"weight": (out, inp), "bias": (out,)}  # noqa: E731
-        norm = {"weight": (D,), "bias": (D,)}
+        table = [
+            Row("embeddings.word_embeddings.weight", "embeddings.word.weight", (V, D)),
+            Row("embeddings.position_embeddings.weight", "embeddings.position.weight", (P, D)),
+            Row("embeddings.token_type_embeddings.weight", "embeddings.token_type.weight", (TV, D)),
+            Row("embeddings.LayerNorm.weight", "embeddings.norm.weight", (D,)),
+            Row("embeddings.LayerNorm.bias", "embeddings.norm.bias", (D,)),
+            Row(self.head_bias, "head.bias", (V,)),
+        ]
+        table += [Row(hf_name, ours, (D, D) if hf_name.endswith("dense.weight") else (D,))
+                  for hf_name, ours in self.head.items()]
         for n in range(d["num_hidden_layers"]):
-            rows = {}
-            for attn, ours in (("attention", "attention"), ("crossattention", "crossattention")):
-                for hf_proj, our_proj in (("self.query", "q_proj"), ("self.key", "k_proj"), ("self.value", "v_proj"),
-                                          ("output.dense", "o_proj")):
-                    rows.update({f"{attn}.{hf_proj}.{p}": (s, f"{ours}.{our_proj}.{p}")
-                                 for p, s in linear(D, D).items()})
-                rows.update({f"{attn}.output.LayerNorm.{p}": (s, f"{ours}.norm.{p}") for p, s in norm.items()})
-            rows.update({f"intermediate.dense.{p}": (s, f"mlp.fc1.{p}") for p, s in linear(I, D).items()})
-            rows.update({f"output.dense.{p}": (s, f"mlp.fc2.{p}") for p, s in linear(D, I).items()})
-            rows.update({f"output.LayerNorm.{p}": (s, f"mlp.norm.{p}") for p, s in norm.items()})
-            table.update({f"encoder.layer.{n}.{k}": (s, f"layers.{n}.{o}") for k, (s, o) in rows.items()})
+            table += [row.prefixed(f"encoder.layer.{n}.", f"layers.{n}.") for row in _layer_rows(D, I)]
         if not hf.get("tie_word_embeddings", True):
-            table[self.head_decoder + ".weight"] = ((V, D), "head.decoder.weight")
-        return {name: (shape, (ours,), "copy") for name, (shape, ours) in table.items()}
+            table.append(Row(self.head_decoder + ".weight", "head.decoder.weight", (V, D)))
+        return table
 
     # -- the HFInterop callables --
 
@@ -367,7 +358,7 @@ class HFLayout:
             return name
 
         dims = ", ".join(f"{k}={v}" for k, v in self.dims(hf).items())
-        return map_from_hf(sd, self.table(hf), name_of, dims)
+        return from_hf(sd, self.table(hf), name_of, dims)
 
     def state_dict_to_hf(self, sd: dict[str, Tensor], hf: dict) -> dict[str, Tensor]:
         """Ours -> the causal-LM layout (``prefix`` on base names; head names as they are)."""
@@ -375,7 +366,7 @@ class HFLayout:
             is_head = name in self.head or name.startswith((self.head_bias, self.head_decoder))
             return name if is_head else self.prefix + name
 
-        out = map_to_hf(sd, self.table(hf), hf_key, layout=self.family, fix=STANDARD_ONLY)
+        out = to_hf(sd, self.table(hf), hf_key, layout=self.family, fix=STANDARD_ONLY)
         if "head.bias" in sd and not hf.get("tie_word_embeddings", True):
             out[self.head_decoder + ".bias"] = sd["head.bias"].contiguous()  # untied: transformers 5 reads this copy
         return out
@@ -392,6 +383,24 @@ class HFLayout:
         """What a BERT-family plugin module exports: ``config_from_hf, config_to_hf, state_dict_from_hf,
         state_dict_to_hf, HF``."""
         return self.config_from_hf, self.config_to_hf, self.state_dict_from_hf, self.state_dict_to_hf, self.interop()
+
+
+def _layer_rows(D: int, I: int) -> list[Row]:
+    """One layer's rows, names relative to ``encoder.layer.N.`` / ``layers.N.``: the self-attention fills
+    ``BertSelfAttention``, the cross-attention the standard adapter (``STANDARD_PARAMS``)."""
+    hf = [f"{m}.{p}" for m in ("self.query", "self.key", "self.value", "output.dense", "output.LayerNorm")
+          for p in ("weight", "bias")]
+    shapes = [(D,) if name.endswith("bias") or "LayerNorm" in name else (D, D) for name in hf]
+    own = [f"{m}.{p}" for m in ("q_proj", "k_proj", "v_proj", "o_proj", "norm") for p in ("weight", "bias")]
+    P = STANDARD_PARAMS
+    cross = [P.q_weight, P.q_bias, P.k_weight, P.k_bias, P.v_weight, P.v_bias, P.out_weight, P.out_bias,
+             P.norm_weight, P.norm_bias]
+    rows = [Row(f"attention.{h}", f"attention.{o}", shape) for h, o, shape in zip(hf, own, shapes)]
+    rows += [Row(f"crossattention.{h}", f"crossattention.{o}", shape) for h, o, shape in zip(hf, cross, shapes)]
+    for hf_name, ours, shape in (("intermediate.dense", "mlp.fc1", (I, D)), ("output.dense", "mlp.fc2", (D, I)),
+                                 ("output.LayerNorm", "mlp.norm", (D,))):
+        rows += [Row(f"{hf_name}.weight", f"{ours}.weight", shape), Row(f"{hf_name}.bias", f"{ours}.bias", shape[:1])]
+    return rows
 
 
 def _hf_name(key: str, prefix: str) -> str:

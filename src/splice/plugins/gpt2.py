@@ -10,7 +10,8 @@ Layout (module state-dict names, ``nn.Linear`` everywhere so weights are ``(out,
 
 transformers stores the same tensors as ``Conv1D`` (``(in, out)``), keeps the cross-attention LayerNorm beside
 the attention (``h.N.ln_cross_attn``) and packs the cross K/V into one ``crossattention.c_attn``;
-``state_dict_from_hf`` / ``state_dict_to_hf`` translate, checking every shape.
+``state_dict_from_hf`` / ``state_dict_to_hf`` translate through one table (``splice.core.keymap``), checking every
+shape.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from splice import hookimpl
+from splice.adapters.cross_attention import STANDARD_PARAMS
 from splice.core.kernels import Linear, dropout, linear
 from splice.core.errors import ConfigError, Problem
 from splice.core.interfaces import HFInterop
+from splice.core.keymap import DUPLICATE, Row, from_hf, to_hf
 from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init
-from splice.plugins._shared import DUPLICATE, STANDARD_ONLY, DecoderConfig, Row, map_from_hf, map_to_hf
+from splice.plugins._shared import STANDARD_ONLY, DecoderConfig
 from splice.plugins._shared import Eps, FFNWidth, Heads, InitStd, Layers, Positions, Probability, Vocab, Width
 
 __all__ = [
@@ -231,48 +234,48 @@ def _dims(hf_config: dict) -> tuple[int, int, int, int]:
     return D, hf_config.get("n_inner") or 4 * D, hf_config.get("vocab_size", 50257), hf_config.get("n_positions", 1024)
 
 
-def _table(hf_config: dict) -> dict[str, Row]:
-    """HF on-disk name (no ``transformer.``) -> (HF shape, our names, op), for every tensor of this config.
-
-    ops (``splice.plugins._shared``): ``copy``; ``t`` transpose a Conv1D weight; ``split`` halve a packed K/V bias;
-    ``split_t`` halve a packed K/V Conv1D weight along its output dim and transpose both halves.
-    """
+def _table(hf_config: dict) -> list[Row]:
+    """Every tensor of this config: HF on-disk name (no ``transformer.``), our name(s), HF shape, op
+    (``splice.core.keymap``): Conv1D weights are transposed, the packed cross-attention K/V split in two."""
     D, I, V, P = _dims(hf_config)
-    table = {
-        "wte.weight": ((V, D), ("wte.weight",), "copy"),
-        "wpe.weight": ((P, D), ("wpe.weight",), "copy"),
-        "ln_f.weight": ((D,), ("ln_f.weight",), "copy"),
-        "ln_f.bias": ((D,), ("ln_f.bias",), "copy"),
-    }
+    table = [
+        Row("wte.weight", "wte.weight", (V, D)),
+        Row("wpe.weight", "wpe.weight", (P, D)),
+        Row("ln_f.weight", "ln_f.weight", (D,)),
+        Row("ln_f.bias", "ln_f.bias", (D,)),
+    ]
     if not hf_config.get("tie_word_embeddings", True):
-        table["lm_head.weight"] = ((V, D), ("lm_head.weight",), "copy")
-    cross = "crossattention"
+        table.append(Row("lm_head.weight", "lm_head.weight", (V, D)))
     for n in range(hf_config.get("n_layer", 12)):
-        h = f"h.{n}."
-        rows = {
-            "ln_1.weight": ((D,), ("ln_1.weight",), "copy"),
-            "ln_1.bias": ((D,), ("ln_1.bias",), "copy"),
-            "attn.c_attn.weight": ((D, 3 * D), ("attn.c_attn.weight",), "t"),
-            "attn.c_attn.bias": ((3 * D,), ("attn.c_attn.bias",), "copy"),
-            "attn.c_proj.weight": ((D, D), ("attn.c_proj.weight",), "t"),
-            "attn.c_proj.bias": ((D,), ("attn.c_proj.bias",), "copy"),
-            "ln_2.weight": ((D,), ("ln_2.weight",), "copy"),
-            "ln_2.bias": ((D,), ("ln_2.bias",), "copy"),
-            "mlp.c_fc.weight": ((D, I), ("mlp.c_fc.weight",), "t"),
-            "mlp.c_fc.bias": ((I,), ("mlp.c_fc.bias",), "copy"),
-            "mlp.c_proj.weight": ((I, D), ("mlp.c_proj.weight",), "t"),
-            "mlp.c_proj.bias": ((D,), ("mlp.c_proj.bias",), "copy"),
-            "ln_cross_attn.weight": ((D,), (f"{cross}.norm.weight",), "copy"),
-            "ln_cross_attn.bias": ((D,), (f"{cross}.norm.bias",), "copy"),
-            f"{cross}.q_attn.weight": ((D, D), (f"{cross}.q_proj.weight",), "t"),
-            f"{cross}.q_attn.bias": ((D,), (f"{cross}.q_proj.bias",), "copy"),
-            f"{cross}.c_attn.weight": ((D, 2 * D), (f"{cross}.k_proj.weight", f"{cross}.v_proj.weight"), "split_t"),
-            f"{cross}.c_attn.bias": ((2 * D,), (f"{cross}.k_proj.bias", f"{cross}.v_proj.bias"), "split"),
-            f"{cross}.c_proj.weight": ((D, D), (f"{cross}.o_proj.weight",), "t"),
-            f"{cross}.c_proj.bias": ((D,), (f"{cross}.o_proj.bias",), "copy"),
-        }
-        table.update({h + k: (shape, tuple(h + o for o in ours), op) for k, (shape, ours, op) in rows.items()})
+        table += [row.prefixed(f"h.{n}.", f"h.{n}.") for row in _layer_rows(D, I)]
     return table
+
+
+def _norm(name: str, D: int) -> list[Row]:
+    return [Row(f"{name}.weight", f"{name}.weight", (D,)), Row(f"{name}.bias", f"{name}.bias", (D,))]
+
+
+def _conv1d(name: str, n_in: int, n_out: int) -> list[Row]:
+    """A transformers ``Conv1D`` (weight ``(in, out)``) as our ``Linear`` (weight ``(out, in)``)."""
+    return [Row(f"{name}.weight", f"{name}.weight", (n_in, n_out), "transpose"),
+            Row(f"{name}.bias", f"{name}.bias", (n_out,))]
+
+
+def _layer_rows(D: int, I: int) -> list[Row]:
+    """One block's rows, names relative to ``h.N.``; the cross-attention ones fill the standard adapter."""
+    rows = [*_norm("ln_1", D), *_conv1d("attn.c_attn", D, 3 * D), *_conv1d("attn.c_proj", D, D),
+            *_norm("ln_2", D), *_conv1d("mlp.c_fc", D, I), *_conv1d("mlp.c_proj", I, D)]
+    c, P = "crossattention.", STANDARD_PARAMS
+    return rows + [
+        Row("ln_cross_attn.weight", c + P.norm_weight, (D,)),
+        Row("ln_cross_attn.bias", c + P.norm_bias, (D,)),
+        Row(c + "q_attn.weight", c + P.q_weight, (D, D), "transpose"),
+        Row(c + "q_attn.bias", c + P.q_bias, (D,)),
+        Row(c + "c_attn.weight", (c + P.k_weight, c + P.v_weight), (D, 2 * D), "transpose_split"),
+        Row(c + "c_attn.bias", (c + P.k_bias, c + P.v_bias), (2 * D,), "split"),
+        Row(c + "c_proj.weight", c + P.out_weight, (D, D), "transpose"),
+        Row(c + "c_proj.bias", c + P.out_bias, (D,)),
+    ]
 
 
 def state_dict_from_hf(sd: dict[str, Tensor], hf_config: dict) -> tuple[dict[str, Tensor], list[str]]:
@@ -288,13 +291,13 @@ def state_dict_from_hf(sd: dict[str, Tensor], hf_config: dict) -> tuple[dict[str
         return DUPLICATE if name == "lm_head.weight" and tied else name
 
     sizes = dict(zip(("n_embd", "n_inner", "vocab_size", "n_positions"), _dims(hf_config)))
-    return map_from_hf(sd, _table(hf_config), name_of, ", ".join(f"{k}={v}" for k, v in sizes.items()))
+    return from_hf(sd, _table(hf_config), name_of, ", ".join(f"{k}={v}" for k, v in sizes.items()))
 
 
 def state_dict_to_hf(sd: dict[str, Tensor], hf_config: dict) -> dict[str, Tensor]:
     """Ours -> GPT2LMHeadModel on-disk names (``transformer.`` prefix; ``lm_head.weight`` only when untied)."""
-    return map_to_hf(sd, _table(hf_config), lambda name: name if name == "lm_head.weight" else "transformer." + name,
-                     layout="GPT2", fix=STANDARD_ONLY)
+    return to_hf(sd, _table(hf_config), lambda name: name if name == "lm_head.weight" else "transformer." + name,
+                 layout="GPT2", fix=STANDARD_ONLY)
 
 
 HF = HFInterop(model_types=("gpt2",), config_from_hf=config_from_hf, state_dict_from_hf=state_dict_from_hf,

@@ -21,9 +21,10 @@ from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from splice import HFInterop, hookimpl
-from splice.core.errors import CheckpointError, ConfigError, InputError, Problem, clip, short
+from splice.core.errors import ConfigError, InputError, Problem, clip, short
 from splice.core.interfaces import EncoderOutput, Preprocessing
 from splice.core.kernels import use_fast_linear
+from splice.core.keymap import Row, from_hf, to_hf
 from splice.plugins._shared import (
     MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_WEIGHT, MAX_WIDTH, Eps, Heads, Layers, Width,
     bounded_int, bounded_real, check_build_memory,
@@ -734,8 +735,9 @@ def _swin_config_to_hf(v: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # transformers interop: state dicts
 #
-# Each family lists (transformers name, timm name) pairs for the given config, plus fused tensors
-# (timm name, [q, k, v] transformers names). Reading and writing are the same tables used both ways.
+# Each family lists, for the given config, a table (``splice.core.keymap``) of (transformers name, timm name) rows
+# copied as they are, and rows that fuse transformers' separate query/key/value into timm's ``qkv``. Reading and
+# writing use the same table both ways. Shapes are left to the loader, which compares every tensor with the module.
 
 # transformers-5 in-memory names (and save_original_format=False files) -> the on-disk names; first match wins.
 _V5_TO_DISK = [
@@ -765,129 +767,82 @@ def _disk_name(key: str) -> str:
     return key
 
 
-Pairs = list[tuple[str, str]]
-Fused = list[tuple[str, list[str]]]
+def _wb(hf: str, ours: str, bias: bool = True) -> list[Row]:
+    return [Row(f"{hf}.weight", f"{ours}.weight")] + ([Row(f"{hf}.bias", f"{ours}.bias")] if bias else [])
 
 
-def _wb(hf: str, ours: str, bias: bool = True) -> Pairs:
-    return [(f"{hf}.weight", f"{ours}.weight")] + ([(f"{hf}.bias", f"{ours}.bias")] if bias else [])
+def _qkv(hf: str, ours: str, kind: str) -> Row:
+    """transformers' separate ``{hf}.query/key/value.{kind}`` fused into timm's ``{ours}.qkv.{kind}`` (3 * D first)."""
+    return Row(tuple(f"{hf}.{n}.{kind}" for n in ("query", "key", "value")), f"{ours}.qkv.{kind}", op="fuse")
 
 
-def _vit_tables(c: dict, family: str) -> tuple[Pairs, Fused]:
-    pairs: Pairs = [("embeddings.cls_token", "cls_token")]
-    pairs += _wb("embeddings.patch_embeddings.projection", "patch_embed.proj")
+def _vit_table(c: dict, family: str) -> list[Row]:
+    rows = [Row("embeddings.cls_token", "cls_token")]
+    rows += _wb("embeddings.patch_embeddings.projection", "patch_embed.proj")
     if family == "deit_distilled":
-        pairs.append(("embeddings.distillation_token", "dist_token"))
+        rows.append(Row("embeddings.distillation_token", "dist_token"))
     if family != "beit" or c["use_absolute_position_embeddings"]:
-        pairs.append(("embeddings.position_embeddings", "pos_embed"))
+        rows.append(Row("embeddings.position_embeddings", "pos_embed"))
     if family == "beit" and c["use_shared_relative_position_bias"]:
-        pairs.append(("encoder.relative_position_bias.relative_position_bias_table",
-                      "rel_pos_bias.relative_position_bias_table"))
-    fused: Fused = []
+        rows.append(Row("encoder.relative_position_bias.relative_position_bias_table",
+                         "rel_pos_bias.relative_position_bias_table"))
     for i in range(int(c["num_hidden_layers"])):
         hf, ours = f"encoder.layer.{i}", f"blocks.{i}"
         att = f"{hf}.attention.attention"
-        pairs += _wb(f"{hf}.layernorm_before", f"{ours}.norm1") + _wb(f"{hf}.layernorm_after", f"{ours}.norm2")
-        pairs += _wb(f"{hf}.attention.output.dense", f"{ours}.attn.proj")
-        pairs += _wb(f"{hf}.intermediate.dense", f"{ours}.mlp.fc1") + _wb(f"{hf}.output.dense", f"{ours}.mlp.fc2")
-        fused.append((f"{ours}.attn.qkv.weight", [f"{att}.{n}.weight" for n in ("query", "key", "value")]))
+        rows += _wb(f"{hf}.layernorm_before", f"{ours}.norm1") + _wb(f"{hf}.layernorm_after", f"{ours}.norm2")
+        rows += _wb(f"{hf}.attention.output.dense", f"{ours}.attn.proj")
+        rows += _wb(f"{hf}.intermediate.dense", f"{ours}.mlp.fc1") + _wb(f"{hf}.output.dense", f"{ours}.mlp.fc2")
+        rows.append(_qkv(att, f"{ours}.attn", "weight"))
         if family != "beit":
             if c["qkv_bias"]:
-                fused.append((f"{ours}.attn.qkv.bias", [f"{att}.{n}.bias" for n in ("query", "key", "value")]))
+                rows.append(_qkv(att, f"{ours}.attn", "bias"))
             continue
         # BEiT: no key bias (timm keeps a zero k_bias buffer), optional layer scale and per-block bias table.
-        pairs += [(f"{att}.query.bias", f"{ours}.attn.q_bias"), (f"{att}.value.bias", f"{ours}.attn.v_bias")]
+        rows += [Row(f"{att}.query.bias", f"{ours}.attn.q_bias"), Row(f"{att}.value.bias", f"{ours}.attn.v_bias")]
         if c["layer_scale_init_value"] and c["layer_scale_init_value"] > 0:
-            pairs += [(f"{hf}.lambda_1", f"{ours}.gamma_1"), (f"{hf}.lambda_2", f"{ours}.gamma_2")]
+            rows += [Row(f"{hf}.lambda_1", f"{ours}.gamma_1"), Row(f"{hf}.lambda_2", f"{ours}.gamma_2")]
         if c["use_relative_position_bias"]:
-            pairs.append((f"{att}.relative_position_bias.relative_position_bias_table",
-                          f"{ours}.attn.relative_position_bias_table"))
+            rows.append(Row(f"{att}.relative_position_bias.relative_position_bias_table",
+                             f"{ours}.attn.relative_position_bias_table"))
     if family == "beit" and c["use_mean_pooling"]:
-        pairs += _wb("pooler.layernorm", "fc_norm")
+        rows += _wb("pooler.layernorm", "fc_norm")
     else:
-        pairs += _wb("layernorm", "norm")
-    return pairs, fused
+        rows += _wb("layernorm", "norm")
+    return rows
 
 
-def _swin_tables(c: dict) -> tuple[Pairs, Fused]:
-    pairs = _wb("embeddings.patch_embeddings.projection", "patch_embed.proj")
-    pairs += _wb("embeddings.norm", "patch_embed.norm")
-    fused: Fused = []
+def _swin_table(c: dict) -> list[Row]:
+    rows = _wb("embeddings.patch_embeddings.projection", "patch_embed.proj")
+    rows += _wb("embeddings.norm", "patch_embed.norm")
     stages = len(c["depths"])
     for s, depth in enumerate(c["depths"]):
         for b in range(depth):
             hf, ours = f"encoder.layers.{s}.blocks.{b}", f"layers.{s}.blocks.{b}"
-            pairs += _wb(f"{hf}.layernorm_before", f"{ours}.norm1") + _wb(f"{hf}.layernorm_after", f"{ours}.norm2")
-            pairs.append((f"{hf}.attention.self.relative_position_bias_table",
-                          f"{ours}.attn.relative_position_bias_table"))
-            pairs += _wb(f"{hf}.attention.output.dense", f"{ours}.attn.proj")
-            pairs += _wb(f"{hf}.intermediate.dense", f"{ours}.mlp.fc1") + _wb(f"{hf}.output.dense", f"{ours}.mlp.fc2")
-            for kind in ("weight", "bias") if c["qkv_bias"] else ("weight",):
-                qkv = [f"{hf}.attention.self.{n}.{kind}" for n in ("query", "key", "value")]
-                fused.append((f"{ours}.attn.qkv.{kind}", qkv))
+            rows += _wb(f"{hf}.layernorm_before", f"{ours}.norm1") + _wb(f"{hf}.layernorm_after", f"{ours}.norm2")
+            rows.append(Row(f"{hf}.attention.self.relative_position_bias_table",
+                             f"{ours}.attn.relative_position_bias_table"))
+            rows += _wb(f"{hf}.attention.output.dense", f"{ours}.attn.proj")
+            rows += _wb(f"{hf}.intermediate.dense", f"{ours}.mlp.fc1") + _wb(f"{hf}.output.dense", f"{ours}.mlp.fc2")
+            rows += [_qkv(f"{hf}.attention.self", f"{ours}.attn", kind)
+                      for kind in (("weight", "bias") if c["qkv_bias"] else ("weight",))]
         if s < stages - 1:
             # transformers merges patches at the END of stage s; timm at the START of stage s + 1.
-            pairs += _wb(f"encoder.layers.{s}.downsample.reduction", f"layers.{s + 1}.downsample.reduction", bias=False)
-            pairs += _wb(f"encoder.layers.{s}.downsample.norm", f"layers.{s + 1}.downsample.norm")
-    pairs += _wb("layernorm", "norm")
-    return pairs, fused
+            rows += _wb(f"encoder.layers.{s}.downsample.reduction", f"layers.{s + 1}.downsample.reduction", bias=False)
+            rows += _wb(f"encoder.layers.{s}.downsample.norm", f"layers.{s + 1}.downsample.norm")
+    rows += _wb("layernorm", "norm")
+    return rows
 
 
-def _from_hf(sd: dict[str, Tensor], pairs: Pairs, fused: Fused) -> tuple[dict[str, Tensor], list[str]]:
-    by_disk = {_disk_name(k): k for k in sd}  # on-disk name -> the name we were given
-    used: set[str] = set()
-    mapped: dict[str, Tensor] = {}
-    for hf, ours in pairs:
-        if hf in by_disk:
-            mapped[f"model.{ours}"] = sd[by_disk[hf]]
-            used.add(hf)
-    for ours, parts in fused:
-        present = [p for p in parts if p in by_disk]
-        if not present:
-            continue  # missing: the loader reports model.<ours> as missing
-        if len(present) < 3:
-            missing = sorted(set(parts) - set(present))
-            raise CheckpointError(f"{missing[0]}: missing, but {present[0]} is there; expected query, key and "
-                                  "value together; fix: use a complete checkpoint")
-        q, k, v = (sd[by_disk[p]] for p in parts)  # each (D, D) or (D,)
-        if not (q.shape == k.shape == v.shape):
-            raise CheckpointError(f"{parts[0]}: shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} for "
-                                  "query, key, value; expected three equal shapes; fix: check the checkpoint "
-                                  "matches its config.json")
-        mapped[f"model.{ours}"] = torch.cat([q, k, v], 0)  # (3D, D) or (3D,)
-        used.update(parts)
-    unused = [orig for disk, orig in by_disk.items() if disk not in used]
-    return mapped, unused
-
-
-def _to_hf(sd: dict[str, Tensor], pairs: Pairs, fused: Fused) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    done: set[str] = set()
-    for hf, ours in pairs:
-        if f"model.{ours}" in sd:
-            out[hf] = sd[f"model.{ours}"]
-            done.add(f"model.{ours}")
-    for ours, parts in fused:
-        t = sd.get(f"model.{ours}")
-        if t is None:
-            continue
-        if t.shape[0] % 3:
-            raise CheckpointError(f"model.{ours}: first dimension {t.shape[0]} is not 3 * width; expected fused "
-                                  "query, key, value; fix: export a model built by this plugin")
-        out.update(zip(parts, t.chunk(3, 0)))  # 3 x (D, D) or (D,)
-        done.add(f"model.{ours}")
-    left = sorted(set(sd) - done)
-    if left:
-        raise CheckpointError(f"{left[0]}: no transformers name for it ({len(left)} such tensors); expected an "
-                              "encoder whose config transformers can express; fix: export to timm format instead")
-    return out
+_TIMM_ONLY = "export an encoder whose config transformers can express, or export to timm format instead"
 
 
 def _hf(model_types: tuple[str, ...], family: str) -> HFInterop:
-    def tables(hf: dict) -> tuple[Pairs, Fused]:
+    def table(hf: dict) -> list[Row]:
         if family == "swin":
-            return _swin_tables({**_HF_SWIN, **hf})
-        return _vit_tables({**(_HF_BEIT if family == "beit" else _HF_VIT), **hf}, family)
+            rows = _swin_table({**_HF_SWIN, **hf})
+        else:
+            rows = _vit_table({**(_HF_BEIT if family == "beit" else _HF_VIT), **hf}, family)
+        return [row.prefixed(ours="model.") for row in rows]  # TimmEncoder keeps the timm model as .model
 
     config_from_hf = {"swin": _swin_config_from_hf, "beit": _beit_config_from_hf}.get(family, _vit_config_from_hf)
     config_to_hf = {"swin": _swin_config_to_hf, "beit": _beit_config_to_hf,
@@ -896,8 +851,8 @@ def _hf(model_types: tuple[str, ...], family: str) -> HFInterop:
         config_to_hf=config_to_hf,
         model_types=model_types,
         config_from_hf=config_from_hf,
-        state_dict_from_hf=lambda sd, hf: _from_hf(sd, *tables(hf)),
-        state_dict_to_hf=lambda sd, hf: _to_hf(sd, *tables(hf)),
+        state_dict_from_hf=lambda sd, hf: from_hf(sd, table(hf), _disk_name, family),
+        state_dict_to_hf=lambda sd, hf: to_hf(sd, table(hf), layout=family, fix=_TIMM_ONLY),
         ignorable=(r"pooler\..+", r"(?:.*\.)?position_ids"),  # the base model's pooler has no place in an encoder
     )
 
