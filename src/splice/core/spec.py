@@ -1,7 +1,8 @@
 """The composition spec: what a YAML file may say, and how its problems are reported.
 
-Validation has two stages. This module does the first (the spec's own structure, ``extra="forbid"``); the
-composer does the second (each component's own ``Config``). Both report through ``Problem`` with a dotted path.
+Validation has two stages. The composer does the first with the kind's spec model (for the encoder-decoder kind,
+``CompositionSpec`` here: the spec's own structure, ``extra="forbid"``), then the second (each component's own
+``Config``). Both report through ``Problem`` with a dotted path.
 A spec can only name registered components: nothing in it is imported or executed.
 """
 
@@ -116,11 +117,12 @@ MAX_INT = 2**63 - 1  # no size or id in a spec is larger
 
 
 def read_spec_source(source: Any) -> tuple[dict, str | None]:
-    """A spec as a plain dict, from a path (YAML/JSON), a composition preset name, a dict or a spec object.
+    """A spec as a plain dict, from a path (YAML/JSON), a composition preset name, a dict or a spec object (any
+    kind's).
 
     Whatever the source, the data is bounded before anything else reads it: size, nesting, expanded YAML aliases,
     huge integers and non-finite numbers are refused with the dotted path where they are."""
-    if isinstance(source, CompositionSpec):
+    if isinstance(source, BaseModel):  # a CompositionSpec, or another kind's spec object
         return source.model_dump(), None
     if isinstance(source, dict):
         _check_bounds(source, None)
@@ -133,7 +135,7 @@ def read_spec_source(source: Any) -> tuple[dict, str | None]:
             return data, str(path)
         return _preset(str(source))
     raise ConfigError([Problem("spec", "cannot read a spec from this type", given=Shown(type(source).__name__),
-                               expected="a path, a preset name, a dict or a CompositionSpec",
+                               expected="a path, a preset name, a dict or a spec object",
                                fix="pass the path of a .yaml/.json spec, a preset name or a dict")])
 
 
@@ -227,15 +229,6 @@ def _preset(name: str) -> tuple[dict, str]:
     raise ConfigError([Problem("spec", f"neither a spec file nor a composition preset{hint}", given=name,
                                expected="a path to a .yaml/.json spec or a preset from `splice list --kind preset`",
                                fix="check the path, or pick a preset name")])
-
-
-def parse_spec(source: Any) -> CompositionSpec:
-    """Stage one: the spec's structure. Raises ``ConfigError`` listing every problem at once."""
-    data, where = read_spec_source(source)
-    try:
-        return CompositionSpec.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(problems_from_validation(exc, model=CompositionSpec), source=where) from None
 
 
 def problems_from_validation(exc: ValidationError, *, prefix: str = "", model: type[BaseModel] | None = None,

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from torch import nn
 
 import splice
-from splice.core.composer import Part, build_part, count_params, plugin_call, resolve_part
+from splice.core.composer import Part, build_part, plugin_call, resolve_part
 from splice.core.configs import checked_config
 from splice.core.errors import Problem, unknown_problem
 from splice.core.kinds import Kind, Plan, TransformersFormat

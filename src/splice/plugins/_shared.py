@@ -5,8 +5,9 @@ otherwise be written once per decoder:
 
 - ``NativeDecoder``: the ``TextDecoder`` forward (input checks, positions, the causal/padding mask, the KV cache's
   bookkeeping) and the cross-attention slots, around a subclass's ``embed``, ``layers`` and ``output``;
-- ``attention`` and ``cached_context_kv``: one attention step (self-attention through the ``KVCache``), and a
-  layer's cross-attention keys/values, projected once per generation;
+- ``attention``: one attention step (self-attention through the ``KVCache``); ``cached_context_kv`` is
+  ``splice.core.cache.context_kv`` (a layer's cross-attention keys/values, projected once per generation), kept
+  importable here under its old name;
 - ``STANDARD_ONLY``: the fix an export names when a layer holds a cross-attention module transformers cannot
   express (the checkpoint tables themselves are written in ``splice.core.keymap``);
 - ``DecoderConfig``, ``ACTIVATION_FNS`` and ``normal_init`` for the configs, MLPs and initialisation;
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, model_validator
 from torch import Tensor, nn
 
+from splice.core.cache import context_kv as cached_context_kv  # public: splice.core.cache.context_kv
 from splice.core.errors import InputError
 from splice.core.interfaces import DecoderOutput, LayerSpec
 from splice.core.keymap import DUPLICATE, Row, check_shape
@@ -198,18 +200,6 @@ def attention(
     return y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, D)
 
 
-def cached_context_kv(module: nn.Module, context: Tensor | None, cache: Any, index: int) -> Any:
-    """Layer ``index``'s cross-attention keys/values from the cache, projected there from ``context`` on the first
-    call of a generation and read back at every later step; None without a cache (the module projects the context
-    itself) or when nothing was stored and no context was given."""
-    if cache is None:
-        return None
-    kv = cache.cross[index]
-    if kv is None and context is not None:
-        kv = cache.cross[index] = module.context_kv(context)  # each (B, nh, N, hs)
-    return kv
-
-
 def causal_mask(attention_mask: Tensor | None, past: int, T: int, device) -> tuple[Tensor | None, bool]:
     """Boolean SDPA mask (True = attend) for ``T`` new queries over ``past + T`` keys, or ``is_causal``."""
     if attention_mask is None and past == 0:
@@ -323,7 +313,7 @@ class NativeDecoder(nn.Module):
                 f"{tuple(input_ids.shape)}; fix: pass a LongTensor of token ids"
             )
         B, T = input_ids.shape
-        if input_ids.numel():
+        if input_ids.numel() and not input_ids.is_meta:  # meta (validate's dry forward): shapes only
             lo, hi = (int(t) for t in torch.aminmax(input_ids))  # one pass over B*T ids, nothing vocabulary-sized
             if lo < 0 or hi >= self.vocab_size:
                 raise InputError(

@@ -29,7 +29,8 @@ from splice.core.kernels import Linear, dropout, linear
 from splice.core.errors import ConfigError, IncompatibleComponentsError, InputError, Problem, short
 from splice.core.interfaces import HFInterop
 from splice.core.keymap import DUPLICATE, Row, check_shape, from_hf, to_hf
-from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
+from splice.core.cache import context_kv
+from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, normal_init, split_heads
 from splice.plugins._shared import DecoderConfig
 from splice.plugins._shared import FFNWidth, Heads, InitStd, Layers, Positions, Probability, TokenId, Vocab, Width
 
@@ -183,7 +184,7 @@ class BartDecoderLayer(nn.Module):
         """One layer: shapes and the mask as ``NativeDecoder`` describes them."""
         y = self.self_attn(x, mask, is_causal, cache, self.index)  # (B, T, D)
         x = self.self_attn_layer_norm(x + dropout(y, self.dropout_p, self.training))
-        kv = cached_context_kv(self.encoder_attn, context, cache, self.index)  # each (B, nh, N, hs) or None
+        kv = context_kv(self.encoder_attn, context, cache, self.index)  # each (B, nh, N, hs) or None
         if kv is not None or context is not None:  # without context transformers skips the block; so do we
             y = self.encoder_attn(x, context=context, context_mask=context_mask, kv=kv)  # (B, T, D)
             x = self.encoder_attn_layer_norm(x + dropout(y, self.dropout_p, self.training))  # (B, T, D)

@@ -41,7 +41,8 @@ from splice.core.kernels import Linear, dropout, linear
 from splice.core.errors import ConfigError, Problem
 from splice.core.interfaces import HFInterop
 from splice.core.keymap import DUPLICATE, Row, from_hf, to_hf
-from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init, split_heads
+from splice.core.cache import context_kv
+from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, normal_init, split_heads
 from splice.plugins._shared import STANDARD_ONLY, DecoderConfig
 from splice.plugins._shared import Eps, FFNWidth, Heads, InitStd, Layers, Positions, Probability, TokenId, Vocab, Width
 from splice.plugins._shared import bounded_int
@@ -166,7 +167,7 @@ class BertLayer(nn.Module):
         """One layer: shapes and the mask as ``NativeDecoder`` describes them."""
         x = self.attention(x, mask, is_causal, cache, self.index)  # (B, T, D)
         if self.crossattention is not None:
-            kv = cached_context_kv(self.crossattention, context, cache, self.index)  # each (B, nh, N, hs) or None
+            kv = context_kv(self.crossattention, context, cache, self.index)  # each (B, nh, N, hs) or None
             if kv is not None or context is not None:
                 x = self.crossattention(x, context=context, context_mask=context_mask, kv=kv)  # (B, T, D)
         return self.mlp(x)  # (B, T, D)

@@ -28,7 +28,8 @@ from splice.core.kernels import Linear, dropout, linear
 from splice.core.errors import ConfigError, Problem
 from splice.core.interfaces import HFInterop
 from splice.core.keymap import DUPLICATE, Row, from_hf, to_hf
-from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, cached_context_kv, normal_init
+from splice.core.cache import context_kv
+from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, normal_init
 from splice.plugins._shared import STANDARD_ONLY, DecoderConfig
 from splice.plugins._shared import Eps, FFNWidth, Heads, InitStd, Layers, Positions, Probability, Vocab, Width
 
@@ -123,7 +124,7 @@ class GPT2Block(nn.Module):
         """One layer: shapes and the mask as ``NativeDecoder`` describes them."""
         x = x + self.attn(self.ln_1(x), mask, is_causal, cache, self.index)  # (B, T, D)
         if self.crossattention is not None:
-            kv = cached_context_kv(self.crossattention, context, cache, self.index)  # each (B, nh, N, hs) or None
+            kv = context_kv(self.crossattention, context, cache, self.index)  # each (B, nh, N, hs) or None
             if kv is not None or context is not None:
                 x = self.crossattention(x, context=context, context_mask=context_mask, kv=kv)  # (B, T, D)
         return x + self.mlp(self.ln_2(x))  # (B, T, D)
