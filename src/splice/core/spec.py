@@ -46,6 +46,10 @@ class CrossAttentionSpec(_Strict):
         "all", description="all | none | every-N (layers 0, N, 2N, ...) | an explicit list of layer indices"
     )
     config: dict[str, Any] = Field(default_factory=dict, description="options of the adapter kind")
+    context_width: Literal["decoder", "encoder"] = Field(
+        "decoder", description="the width the adapters' keys/values read: decoder (the encoder's tokens projected "
+        "to the decoder's width when they differ, as transformers) | encoder (the encoder's tokens as they are, no "
+        "projection). A decoder with native cross-attention says its own (TrOCR: cross_attention_hidden_size)")
 
     @field_validator("layers")
     @classmethod

@@ -217,6 +217,10 @@ def export_ved(model, path) -> None:
     if not decoder_native and (ca.get("kind") != "standard" or ca.get("layers") != "all"):
         blockers.append(f"cross_attention {ca.get('kind')!r} in layers {ca.get('layers')!r} (transformers has "
                         "only its standard cross-attention in every layer)")
+    if (not decoder_native and ca.get("context_width", "decoder") == "encoder"
+            and model.encoder.hidden_size != model.decoder.hidden_size):
+        blockers.append("cross_attention.context_width: encoder (transformers' cross-attention of this decoder reads "
+                        "the decoder's width)")
     proj = spec.get("projection")
     proj_kind = proj.get("kind") if isinstance(proj, dict) else proj
     if model.enc_to_dec_proj is not None and (proj_kind not in ("auto", "linear") or

@@ -114,24 +114,25 @@ def _decide(plan: EncoderDecoderPlan, encoder: nn.Module, decoder: nn.Module) ->
     """Every dimension check, recorded in the plan."""
     spec, problems = plan.spec, plan.problems
     enc, dec = plan.encoder, plan.decoder
-    plan.context_width = dec.width
+    width, width_from = _context_width(plan, decoder)
+    plan.context_width = width
     enc_from = f"encoder {enc.family!r} hidden_size"
-    dec_from = f"decoder {dec.family!r} hidden_size (its cross-attention context width)"
     if spec.projection_kind == "auto":
-        if enc.width != dec.width:
-            plan.projection, plan.projection_reason = "linear", f"widths differ: {enc.width} ({enc_from}) -> {dec.width}"
+        if enc.width != width:
+            plan.projection, plan.projection_reason = "linear", f"widths differ: {enc.width} ({enc_from}) -> {width}"
         else:
             plan.projection_reason = f"widths match ({enc.width})"
     elif spec.projection_kind == "none":
-        if enc.width != dec.width:
+        if enc.width != width:
             problems.append(
                 Problem(
                     "projection",
                     f"`projection: none` but the widths differ: {enc.width} from the {enc_from}, "
-                    f"{dec.width} from the {dec_from}",
+                    f"{width} from the {width_from}",
                     given="none",
                     expected="equal widths, or a projection",
-                    fix="use `projection: auto` (or linear / mlp), or pick components of equal width",
+                    fix="use `projection: auto` (or linear / mlp), `cross_attention: {context_width: encoder}` (the "
+                    "cross-attention reads the encoder's width), or pick components of equal width",
                     error="incompatible",
                 )
             )
@@ -168,19 +169,36 @@ def _decide(plan: EncoderDecoderPlan, encoder: nn.Module, decoder: nn.Module) ->
         )
 
 
+def _context_width(plan: EncoderDecoderPlan, decoder: nn.Module) -> tuple[int, str]:
+    """The width the cross-attention keys/values read, and where it comes from: a native decoder's own
+    ``context_width`` (TrOCR's ``cross_attention_hidden_size``), else the spec's ``cross_attention.context_width``:
+    the decoder's width (the encoder's tokens projected to it when they differ, as transformers) or the encoder's
+    (the adapters read the encoder's tokens as they are)."""
+    dec = plan.decoder
+    if getattr(decoder, "native_cross_attention", False):
+        width = getattr(decoder, "context_width", None)
+        if isinstance(width, int) and not isinstance(width, bool) and width > 0:
+            return width, f"decoder {dec.family!r} context_width (the input width of its cross-attention)"
+        return dec.width, f"decoder {dec.family!r} hidden_size (its cross-attention context width)"
+    if plan.spec.cross_attention.context_width == "encoder":
+        return plan.encoder.width, "encoder's width (cross_attention.context_width: encoder)"
+    return dec.width, f"decoder {dec.family!r} hidden_size (its cross-attention context width)"
+
+
 def _decide_layers(plan: EncoderDecoderPlan, decoder: nn.Module) -> None:
     """Which decoder layers get cross-attention, and whether their heads fit."""
     spec, problems, dec = plan.spec, plan.problems, plan.decoder
     layer_specs = list(decoder.layer_specs())
     plan.decoder_layers = len(layer_specs)
     if getattr(decoder, "native_cross_attention", False):
-        if spec.cross_attention.kind != "standard" or spec.cross_attention.layers != "all":
+        ca = spec.cross_attention
+        if ca.kind != "standard" or ca.layers != "all" or ca.context_width != "decoder":
             problems.append(
                 Problem(
                     "cross_attention",
                     f"decoder {dec.family!r} has its own (native) cross-attention in every layer; adapters cannot replace it",
                     given=spec.cross_attention.model_dump(),
-                    expected="kind: standard, layers: all",
+                    expected="kind: standard, layers: all (context_width: its own)",
                     fix="remove the cross_attention block for this decoder",
                     error="incompatible",
                 )
