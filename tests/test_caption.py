@@ -96,3 +96,28 @@ def test_tokenizer_file_layouts(tmp_path):
     theirs = transformers.BertTokenizerFast.from_pretrained(bdir)
     assert ours.encode("Two red squares").ids == theirs("Two red squares")["input_ids"]
     assert ours.decode(ours.encode("two red squares").ids, skip_special_tokens=True) == "two red squares"
+
+
+def test_a_prompt_starts_every_caption_as_transformers_does(ved_folder, capsys):
+    """`--prompt`: decoder_start, then the prompt's tokens (no special tokens added), as a Donut task prompt is
+    given to transformers' generate."""
+    hf, folder, images = ved_folder
+    proc = transformers.ViTImageProcessor.from_pretrained(folder)
+    px = proc(images=[Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
+    prompt = torch.tensor([[1, WORDS.index("w7"), WORDS.index("w3")]] * len(images))
+    with torch.no_grad():
+        want = hf.generate(pixel_values=px, decoder_input_ids=prompt, max_new_tokens=5, do_sample=False)
+    got = caption(splice.load(folder), images, prompt="w7 w3", max_new_tokens=5)
+    assert [c.ids for c in got] == want.tolist()
+    assert main(["caption", str(folder), str(images[0]), "--prompt", "w7 w3", "--max-new-tokens", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["ids"] == want[0].tolist()
+
+
+def test_a_prompt_needs_a_tokenizer_and_tokens(ved_folder):
+    _, folder, images = ved_folder
+    model = splice.load(folder)
+    with pytest.raises(splice.InputError, match="prompt"):
+        caption(model, images, prompt="")
+    model.tokenizer = None
+    with pytest.raises(splice.InputError, match="no tokenizer"):
+        caption(model, images, prompt="w7")

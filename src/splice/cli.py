@@ -162,7 +162,8 @@ def _cmd_build(args) -> int:
 def _cmd_caption(args) -> int:
     from splice.caption import run_cli
 
-    return run_cli(args.model, args.images, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, as_json=args.json)
+    return run_cli(args.model, args.images, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, as_json=args.json,
+                   prompt=args.prompt)
 
 
 def _cmd_schema(args) -> int:
@@ -270,6 +271,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--num-beams", type=int, default=None, help=">= 1; default: the model's generation settings (else 1)")
     p.add_argument("--max-new-tokens", type=int, default=None, help=">= 1; default: the model's generation settings")
+    p.add_argument("--prompt", default=None, help="text the decoder starts from, after decoder_start (a task prompt "
+                   "such as Donut's <s_cord-v2>, or the start of a caption); needs the model's tokenizer")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_caption)
 
