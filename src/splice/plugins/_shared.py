@@ -1,4 +1,5 @@
-"""What the native decoders (``gpt2``, ``bert`` and ``roberta``, ``bart``) share: mechanics, not architecture.
+"""What the native decoders (``gpt2``, ``bert`` and ``roberta``, ``bart``, ``trocr``, ``mbart``) share: mechanics, not
+architecture.
 
 Each decoder's own file keeps its config, blocks, embeddings, head and checkpoint table. Here is what would
 otherwise be written once per decoder:
@@ -27,7 +28,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from torch import Tensor, nn
 
 from splice.core.cache import context_kv as cached_context_kv  # public: splice.core.cache.context_kv
-from splice.core.errors import InputError
+from splice.core.errors import IncompatibleComponentsError, InputError, Problem
 from splice.core.interfaces import DecoderOutput, LayerSpec
 from splice.core.keymap import DUPLICATE, Row, check_shape
 from splice.core.keymap import from_hf as map_from_hf, to_hf as map_to_hf
@@ -272,6 +273,14 @@ class NativeDecoder(nn.Module):
         ]
 
     def install_cross_attention(self, index: int, module: nn.Module) -> None:
+        if self.native_cross_attention:  # its layers own their cross-attention (BART's family: encoder_attn)
+            raise IncompatibleComponentsError([Problem(
+                "cross_attention", f"{self.family}'s layers have their own cross-attention, so layer {index} takes "
+                "no adapter module", given=type(module).__name__, error="incompatible",
+                expected=f"no adapter: {self.family} has native_cross_attention",
+                fix=f"drop `cross_attention` from the spec (the decoder's own is used), or pick a decoder that "
+                "takes adapters (gpt2, bert)",
+            )])
         n = len(self.layers)
         if not 0 <= index < n:
             raise IndexError(f"{self.family} has {n} layers (0..{n - 1}); cannot install at {index}")
@@ -350,6 +359,9 @@ class NativeDecoder(nn.Module):
         return f"{self.positions_name}={self.max_positions}"
 
     def _check_position_ids(self, position_ids: Tensor) -> None:
+        if int(position_ids.min()) < 0:
+            raise InputError(f"position_ids go down to {int(position_ids.min())}; expected positions >= 0; fix: "
+                             f"count positions from 0 (the first token is position 0)")
         if int(position_ids.max()) >= self.num_positions:
             raise InputError(
                 f"position_ids reach {int(position_ids.max())}, but {self.positions_name}={self.num_positions}; "
@@ -357,7 +369,16 @@ class NativeDecoder(nn.Module):
             )
 
     def _check_context(self, context: Tensor, B: int) -> None:
-        """The context against the installed cross-attention slots."""
+        """The context against the installed cross-attention slots, or the decoder's own ``context_width``."""
+        if self.native_cross_attention:
+            width = getattr(self, "context_width", self.hidden_size)
+            if context.dim() != 3 or context.shape[0] != B or context.shape[-1] != width:
+                raise InputError(
+                    f"context must have shape (B={B}, N, D_ctx={width}), the input of {self.family}'s own "
+                    f"cross-attention; given {tuple(context.shape)}; fix: pass the encoder's (B, N, D) tokens, "
+                    f"projected to {width} when the encoder is wider or narrower (projection: linear/auto)"
+                )
+            return
         if all(layer.crossattention is None for layer in self.layers):
             raise InputError(
                 f"context was given, but no {self.family} layer has cross-attention; fix: install an adapter "
