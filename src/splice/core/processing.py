@@ -1,12 +1,17 @@
 """Images in, pixel_values out: the encoder's preprocessing, compatible with transformers' preprocessor_config.json.
 
 The steps follow transformers' torchvision image processors (resize a uint8 tensor with antialiasing, centre
-crop, then one fused rescale+normalise), so the same image gives the same pixel values.
+crop, then one fused rescale+normalise), so the same image gives the same pixel values. Donut's and Nougat's
+processors (``DocumentImageProcessor``: keep the aspect ratio, thumbnail, pad, align the long axis, crop the
+margin) follow transformers' PIL path, or its torchvision one for a folder naming the ``...Fast`` class. The
+settings are read from a combined ``processor_config.json`` (its ``image_processor`` object, what transformers 5
+saves) or from ``preprocessor_config.json``.
 
 Bounds. An image file is read only when it is a regular file (a FIFO, a folder or a device is refused without
 being opened for reading) and declares at most ``MAX_IMAGE_PIXELS`` pixels (PIL's own warning bound, about
 9,459 x 9,459: larger is treated as a decompression bomb). A processor's sizes are at most ``MAX_SIDE`` pixels a
-side, and so is every resized image. A bad value in ``preprocessor_config.json`` is a ``CheckpointError`` naming
+side, and so is every resized image (a document processor's intermediate resize: at most ``MAX_IMAGE_PIXELS``
+pixels). A bad value in ``preprocessor_config.json`` is a ``CheckpointError`` naming
 the file and the field when the model is loaded.
 """
 
@@ -32,6 +37,7 @@ from splice.core.interfaces import Preprocessing
 _PIL_TO_MODE = {0: "NEAREST_EXACT", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
 _NAME_TO_PIL = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 FILE = "preprocessor_config.json"
+COMBINED_FILE = "processor_config.json"  # a transformers 5 processor's save: image settings under "image_processor"
 MAX_IMAGE_PIXELS = 89_478_485  # width x height of an image file; PIL's DecompressionBombWarning bound
 MAX_SIDE = 8192  # pixels: the largest size / crop_size a processor takes, and the longest side it resizes to
 MAX_CONFIG_BYTES = 1 << 20  # a preprocessor_config.json larger than this is not one
@@ -53,18 +59,26 @@ class ImageProcessor:
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
     do_convert_rgb: bool = True
 
+    _size_keys = _SIZE_KEYS  # the forms of `size` this processor takes
+    _flags = _FLAGS  # its boolean fields
+
     def __post_init__(self) -> None:
         """Check every field (all problems at once, a ``ConfigError``) and normalise the accepted shorthands:
         an int size is a square, a single mean/std number applies to every channel."""
         problems: list[Problem] = []
-        self.size = _sizes("size", self.size, _SIZE_KEYS, problems)
+        self._check(problems)
+        if problems:
+            raise ConfigError(problems, source="the image processor settings")
+
+    def _check(self, problems: list[Problem]) -> None:
+        self.size = _sizes("size", self.size, self._size_keys, problems)
         if self.crop_size is not None:
             self.crop_size = _sizes("crop_size", self.crop_size, _SIZE_KEYS[:1], problems)
         if type(self.resample) is not int or self.resample not in _PIL_TO_MODE:
             problems.append(Problem("resample", "not a PIL resampling code", given=self.resample,
                                     expected="0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box or 5 hamming",
                                     fix="use 2 (bilinear) or 3 (bicubic), what ViT processors use"))
-        for name in _FLAGS:
+        for name in self._flags:
             if not isinstance(getattr(self, name), bool):
                 problems.append(Problem(name, "not a boolean", given=getattr(self, name), expected="true or false",
                                         fix=f"write {name}: true or false"))
@@ -75,8 +89,6 @@ class ImageProcessor:
         channels = (3,) if self.do_convert_rgb is True else (1, 3)
         self.image_mean = _per_channel("image_mean", self.image_mean, channels, problems, positive=False)
         self.image_std = _per_channel("image_std", self.image_std, channels, problems, positive=True)
-        if problems:
-            raise ConfigError(problems, source="the image processor settings")
 
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -92,42 +104,39 @@ class ImageProcessor:
 
     @classmethod
     def from_dict(cls, d: dict, *, source: str = "preprocessor config") -> "ImageProcessor":
-        """From a transformers ``preprocessor_config.json`` (ViT, DeiT, BEiT, Swin image processors). A bad value
-        is a ``CheckpointError`` naming ``source`` and the field; a missing or null one takes the default."""
+        """From a transformers ``preprocessor_config.json`` (ViT, DeiT, BEiT, Swin image processors; Donut's and
+        Nougat's give a ``DocumentImageProcessor``). A bad value is a ``CheckpointError`` naming ``source`` and the
+        field; a missing or null one takes the default."""
         if not isinstance(d, dict):
             raise CheckpointError(f"{source}: a JSON {type(d).__name__}, expected an object of image processor "
                                   "settings\n    fix: save the processor again, or delete the file (the encoder's "
                                   "own preprocessing is then used)")
-
-        def get(key: str, default: Any) -> Any:
-            return default if d.get(key) is None else d[key]
-
-        crop = get("crop_size", None)
+        document = _document_kind(d)
+        if document is not None:
+            return DocumentImageProcessor.from_settings(d, *document, source=source)
+        crop = _get(d, "crop_size", None)
         try:
-            return cls(
-                size=get("size", {"height": 224, "width": 224}),
-                resample=get("resample", 2),
-                do_resize=get("do_resize", True),
-                do_center_crop=get("do_center_crop", False) if crop is not None else False,
-                crop_size=crop,
-                do_rescale=get("do_rescale", True),
-                rescale_factor=get("rescale_factor", 1 / 255),
-                do_normalize=get("do_normalize", True),
-                image_mean=get("image_mean", (0.5, 0.5, 0.5)),
-                image_std=get("image_std", (0.5, 0.5, 0.5)),
-                do_convert_rgb=get("do_convert_rgb", True),
-            )
+            return cls(size=_get(d, "size", {"height": 224, "width": 224}),
+                       do_center_crop=_get(d, "do_center_crop", False) if crop is not None else False,
+                       crop_size=crop, **_common_settings(d, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
         except ConfigError as exc:
             raise CheckpointError(exc.problems, source=source) from None
 
     @classmethod
     def from_folder(cls, folder: Path) -> "ImageProcessor | None":
-        f = Path(folder) / FILE
-        if not f.is_file():
-            if f.exists() or f.is_symlink():  # a folder, a FIFO, a dangling link where the file should be
-                raise CheckpointError(f"{f}: not a regular file\n    fix: save the processor again, or delete it")
-            return None
-        return cls.from_dict(_read_config(f), source=str(f))
+        """The folder's image processor: the ``image_processor`` object of a combined ``processor_config.json``
+        (what transformers 5's processors save; it wins, as in transformers), else ``preprocessor_config.json``;
+        None when neither holds one."""
+        combined = _config_file(Path(folder) / COMBINED_FILE)
+        if combined is not None:
+            settings = _read_config(combined)
+            if not isinstance(settings, dict):
+                raise CheckpointError(f"{combined}: a JSON {type(settings).__name__}, expected an object (a "
+                                      "processor's settings)\n    fix: save the processor again, or delete the file")
+            if "image_processor" in settings:
+                return cls.from_dict(settings["image_processor"], source=f"{combined} (image_processor)")
+        f = _config_file(Path(folder) / FILE)
+        return None if f is None else cls.from_dict(_read_config(f), source=str(f))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -158,7 +167,12 @@ class ImageProcessor:
         if self.do_center_crop and self.crop_size:
             ch, cw = self.crop_size["height"], self.crop_size["width"]
             x = tvF.center_crop(x, [ch, cw])
-        x = x.to(torch.float32)
+        return self._scale(x.to(torch.float32))
+
+    def _scale(self, x: Tensor) -> Tensor:
+        """Rescale and normalise float32 pixels as transformers' torchvision processors do."""
+        from torchvision.transforms.v2 import functional as tvF
+
         if self.do_rescale and self.do_normalize:  # one fused step, as transformers does
             mean = torch.tensor(self.image_mean) * (1.0 / self.rescale_factor)
             std = torch.tensor(self.image_std) * (1.0 / self.rescale_factor)
@@ -192,6 +206,238 @@ class ImageProcessor:
                 f"{long:,} pixels (more than {MAX_SIDE:,})\n    fix: crop the image to a less extreme aspect "
                 "ratio, or give the processor a size with height and width")
         return [short, long] if h <= w else [long, short]
+
+
+# -- documents: Donut and Nougat -----------------------------------------------------------------------------
+_DOCUMENT_DEFAULTS = {  # transformers' class defaults: size, image_mean, image_std
+    "donut": ({"height": 2560, "width": 1920}, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "nougat": ({"height": 896, "width": 672}, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+_BACKENDS = ("pil", "torchvision")
+_DOCUMENT_TYPE = re.compile(r"(Donut|Nougat)(?:ImageProcessor|FeatureExtractor)(Fast|Pil)?")
+
+
+@dataclass
+class DocumentImageProcessor(ImageProcessor):
+    """Donut's and Nougat's image processors: a page keeps its aspect ratio and is padded to ``size``.
+
+    The steps, each behind its flag as in transformers: crop the white margin (Nougat), turn the page a quarter
+    clockwise when its long axis differs from ``size``'s (``do_align_long_axis``), resize its short side to the
+    shorter side of ``size``, shrink it to fit inside ``size`` (``do_thumbnail``), pad it to ``size`` with zeros,
+    centred (``do_pad``; transformers' random padding is a training option and is not read), rescale, normalise.
+    ``backend`` picks whose arithmetic: ``"pil"`` (transformers' PIL path, what a folder naming
+    ``DonutImageProcessor`` meant when it was saved) or ``"torchvision"`` (the ``...Fast`` processors); the two
+    differ by one grey level along edges, so each is matched to its own.
+    """
+
+    size: dict = field(default_factory=lambda: dict(_DOCUMENT_DEFAULTS["donut"][0]))
+    resample: int = 2
+    family: str = "donut"  # "donut" | "nougat"
+    backend: str = "pil"  # "pil" | "torchvision"
+    do_thumbnail: bool = True
+    do_align_long_axis: bool = False
+    do_pad: bool = True
+    do_crop_margin: bool = False  # Nougat's; transformers' NougatImageProcessor defaults it to true
+
+    _size_keys = _SIZE_KEYS[:1]
+    _flags = _FLAGS + ("do_thumbnail", "do_align_long_axis", "do_pad", "do_crop_margin")
+
+    def _check(self, problems: list[Problem]) -> None:
+        super()._check(problems)
+        if self.family not in _DOCUMENT_DEFAULTS:
+            problems.append(Problem("family", "not a document processor", given=self.family,
+                                    expected="donut or nougat", fix="write family: donut"))
+        if self.backend not in _BACKENDS:
+            problems.append(Problem("backend", "not an image backend", given=self.backend,
+                                    expected="pil or torchvision", fix="write backend: pil"))
+        if self.family == "donut" and self.do_crop_margin is True:
+            problems.append(Problem("do_crop_margin", "Donut's processor does not crop margins", given=True,
+                                    expected="false for donut", fix="set do_crop_margin: false, or use family: nougat"))
+
+    @classmethod
+    def from_settings(cls, d: dict, family: str, backend: str, *, source: str) -> "DocumentImageProcessor":
+        """From a transformers Donut/Nougat processor config; a bad value is a ``CheckpointError``."""
+        size, mean, std = _DOCUMENT_DEFAULTS[family]
+        size = _get(d, "size", size)
+        if isinstance(size, (list, tuple)) and len(size) == 2:  # Donut's list is (width, height), Nougat's not
+            size = dict(zip(("width", "height") if family == "donut" else ("height", "width"), size))
+        crop = _get(d, "crop_size", None) if family == "donut" else None  # Nougat's processor never crops
+        try:
+            return cls(family=family, backend=backend, size=size, crop_size=crop,
+                       do_center_crop=_get(d, "do_center_crop", False) if crop is not None else False,
+                       do_thumbnail=_get(d, "do_thumbnail", True), do_pad=_get(d, "do_pad", True),
+                       do_align_long_axis=_get(d, "do_align_long_axis", False),
+                       do_crop_margin=_get(d, "do_crop_margin", True) if family == "nougat" else False,
+                       **_common_settings(d, mean, std))
+        except ConfigError as exc:
+            raise CheckpointError(exc.problems, source=source) from None
+
+    def to_dict(self) -> dict:
+        """The settings as transformers writes them, named so that it builds the same processor."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("family", "backend", "crop_size", "do_center_crop")}
+        d["image_processor_type"] = ("Nougat" if self.family == "nougat" else "Donut") + "ImageProcessor" + (
+            "Fast" if self.backend == "torchvision" else "")
+        d["image_mean"], d["image_std"] = list(self.image_mean), list(self.image_std)
+        if self.family == "donut":
+            del d["do_crop_margin"]
+            if self.crop_size is not None:
+                d.update(crop_size=self.crop_size, do_center_crop=self.do_center_crop)
+        return d
+
+    def one(self, image: Any) -> Tensor:
+        """One page -> (C, size.height, size.width) float32 (without do_pad: the resized page)."""
+        from torchvision.transforms.v2 import functional as tvF
+
+        x = _to_uint8_tensor(image, rgb=self.do_convert_rgb)  # (C, H, W) uint8
+        self._check_channels(x, image)
+        target = (self.size["height"], self.size["width"])
+        if self.do_crop_margin:
+            x = self._crop_margin(x)
+        h, w = x.shape[-2:]
+        if self.do_align_long_axis and (target[1] < target[0] and w > h or target[1] > target[0] and w < h):
+            x = torch.rot90(x, 3, dims=[1, 2])  # a quarter turn clockwise, as transformers does
+        if self.do_resize:
+            x = self._resize(x, _short_side_to(x, min(target), image), self.resample, image)
+        if self.do_thumbnail:
+            x = self._thumbnail(x, target, image)
+        if self.do_pad and self.backend == "torchvision":  # transformers' torchvision pad crops what overshoots
+            x = _pad_centred(x, target, image, None)
+        elif self.do_pad:  # its PIL pad fails there
+            x = _pad_centred(x, target, image, "set do_resize: true (a thumbnail alone can overshoot size by a few "
+                             "pixels, as in transformers)" if self.do_thumbnail else "set do_thumbnail: true")
+        if self.family == "donut" and self.do_center_crop and self.crop_size:
+            x = tvF.center_crop(x, [self.crop_size["height"], self.crop_size["width"]])
+        if self.backend == "torchvision":
+            return self._scale(x.to(torch.float32))
+        if self.do_rescale:  # numpy's arithmetic in transformers' PIL path: float64 product, then float32
+            x = (x.to(torch.float64) * self.rescale_factor).to(torch.float32)
+        x = x.to(torch.float32)
+        if self.do_normalize:
+            mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (self.image_mean, self.image_std))
+            x = (x - mean) / std
+        return x
+
+    def _crop_margin(self, x: Tensor) -> Tensor:
+        """Nougat's margin crop: the bounding box of the pixels darker than 200 once the grey levels are stretched
+        to 0..255 (a page of one grey level is kept whole). PIL's or torchvision's grey, as the backend says."""
+        import numpy as np
+
+        if self.backend == "pil":
+            gray = np.array(_to_pil(x).convert("L")).astype(np.uint8)
+            lo, hi = gray.min(), gray.max()
+            if lo == hi:
+                return x
+            dark = torch.from_numpy((gray - lo) / (hi - lo) * 255 < 200)
+        else:
+            from torchvision.transforms.v2 import functional as tvF
+
+            gray = tvF.rgb_to_grayscale(x, num_output_channels=1)
+            lo, hi = torch.min(gray), torch.max(gray)
+            if lo == hi:
+                return x
+            dark = ((gray - lo) / (hi - lo) * 255 < 200)[0]
+        ys, xs = dark.any(dim=1).nonzero()[:, 0], dark.any(dim=0).nonzero()[:, 0]
+        return x[:, int(ys[0]):int(ys[-1]) + 1, int(xs[0]):int(xs[-1]) + 1]
+
+    def _thumbnail(self, x: Tensor, target: tuple[int, int], image: Any) -> Tensor:
+        """Shrink to fit inside ``target`` keeping the aspect ratio (never enlarges), as transformers' thumbnail."""
+        h, w = x.shape[-2:]
+        th, tw = min(h, target[0]), min(w, target[1])
+        if (th, tw) == (h, w):
+            return x
+        if h > w:
+            tw = int(w * th / h)
+        elif w > h:
+            th = int(h * tw / w)
+        if self.family == "nougat":  # bicubic whatever resample says; PIL path with reducing_gap 2
+            return self._resize(x, [th, tw], 3, image, reducing_gap=2.0)
+        resample = (self.resample or 3) if self.backend == "pil" else self.resample  # PIL path: nearest (0) -> bicubic
+        return self._resize(x, [th, tw], resample, image)
+
+    def _resize(self, x: Tensor, hw: list[int], resample: int, image: Any, reducing_gap: float | None = None) -> Tensor:
+        if min(hw) < 1:
+            raise InputError(f"{_name(image)}: {x.shape[-1]}x{x.shape[-2]} pixels would be resized to {hw[1]}x{hw[0]}"
+                             "\n    fix: crop the image to a less extreme aspect ratio")
+        if self.backend == "torchvision":
+            from torchvision.transforms import v2
+            from torchvision.transforms.v2 import functional as tvF
+
+            mode = getattr(v2.InterpolationMode, _PIL_TO_MODE[resample])
+            return tvF.resize(x, hw, interpolation=mode, antialias=True)
+        im = _to_pil(x).resize((hw[1], hw[0]), resample=resample, reducing_gap=reducing_gap)
+        return _from_pil(im)
+
+
+def _document_kind(d: dict) -> tuple[str, str] | None:
+    """(family, backend) when the settings name Donut's or Nougat's processor (or old feature extractor)."""
+    name = d.get("image_processor_type")
+    if name is None:
+        name = d.get("feature_extractor_type")
+    match = _DOCUMENT_TYPE.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        return None
+    return match[1].lower(), "torchvision" if match[2] == "Fast" else "pil"
+
+
+def _short_side_to(x: Tensor, short: int, image: Any) -> list[int]:
+    """transformers' shortest-edge size: the short side becomes ``short``, the long one follows (truncated)."""
+    h, w = x.shape[-2:]
+    long = int(short * max(h, w) / min(h, w))
+    if short * long > MAX_IMAGE_PIXELS:
+        raise InputError(f"{_name(image)}: {w}x{h} pixels; resizing its short side to {short} would make "
+                         f"{short:,}x{long:,} pixels (more than {MAX_IMAGE_PIXELS:,})\n    fix: crop the image to a "
+                         "less extreme aspect ratio, or set do_resize: false (do_thumbnail then fits it)")
+    return [long, short] if w <= h else [short, long]
+
+
+def _pad_centred(x: Tensor, target: tuple[int, int], image: Any, fix: str | None) -> Tensor:
+    """Zeros around ``x`` to make it ``target``, centred; a side that overshoots is cropped (centred) when
+    ``fix`` is None, else an ``InputError`` with that fix."""
+    from torchvision.transforms.v2 import functional as tvF
+
+    dh, dw = target[0] - x.shape[-2], target[1] - x.shape[-1]
+    if fix is not None and (dh < 0 or dw < 0):
+        raise InputError(f"{_name(image)}: {x.shape[-1]}x{x.shape[-2]} pixels once resized, larger than the "
+                         f"processor's size {target[1]}x{target[0]} (width x height), and do_pad cannot shrink it"
+                         f"\n    fix: {fix} in the processor config")
+    top, left = dh // 2, dw // 2
+    return tvF.pad(x, [left, top, dw - left, dh - top], fill=0)
+
+
+def _to_pil(x: Tensor):
+    from PIL import Image
+
+    return Image.fromarray((x[0] if x.shape[0] == 1 else x.permute(1, 2, 0)).contiguous().numpy())
+
+
+def _from_pil(im) -> Tensor:
+    import numpy as np
+
+    a = torch.from_numpy(np.array(im))
+    return a[None] if a.dim() == 2 else a.permute(2, 0, 1).contiguous()
+
+
+def _get(d: dict, key: str, default: Any) -> Any:
+    """``d[key]``, or ``default`` where it is missing or null (as transformers reads these files)."""
+    return default if d.get(key) is None else d[key]
+
+
+def _common_settings(d: dict, mean: tuple, std: tuple) -> dict:
+    """The settings every image processor reads, with transformers' defaults."""
+    return dict(resample=_get(d, "resample", 2), do_resize=_get(d, "do_resize", True),
+                do_rescale=_get(d, "do_rescale", True), rescale_factor=_get(d, "rescale_factor", 1 / 255),
+                do_normalize=_get(d, "do_normalize", True), image_mean=_get(d, "image_mean", mean),
+                image_std=_get(d, "image_std", std), do_convert_rgb=_get(d, "do_convert_rgb", True))
+
+
+def _config_file(f: Path) -> Path | None:
+    """``f`` when it is a regular file, None when there is nothing there; a folder, a FIFO or a dangling link
+    where the file should be is a ``CheckpointError``."""
+    if f.is_file():
+        return f
+    if f.exists() or f.is_symlink():
+        raise CheckpointError(f"{f}: not a regular file\n    fix: save the processor again, or delete it")
+    return None
 
 
 def _sizes(name: str, value: Any, allowed: tuple[set, ...], problems: list[Problem]) -> Any:
@@ -260,6 +506,9 @@ def _to_uint8_tensor(image: Any, *, rgb: bool) -> Tensor:
     if image.width < 1 or image.height < 1:
         raise InputError(f"an empty image ({image.width}x{image.height} pixels)\n    fix: leave it out")
     base = "RGB" if rgb or Image.getmodebase(image.mode) != "L" else "L"
+    if base == "RGB" and ("A" in image.getbands() or image.info.get("transparency") is not None):
+        # transparency is composited onto white, as transformers' convert_to_rgb does
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
     if image.mode != base:
         image = image.convert(base)
     return tvF.pil_to_tensor(image)
