@@ -183,8 +183,8 @@ def test_hf_settings_timm_cannot_express():
         swin.config_from_hf({"use_absolute_embeddings": True})
     with pytest.raises(ConfigError, match="hidden_act"):
         ENTRIES["vit"].hf.config_from_hf({"hidden_act": "relu"})
-    with pytest.raises(ConfigError, match="image_size"):
-        ENTRIES["vit"].hf.config_from_hf({"image_size": [224, 160]})
+    with pytest.raises(ConfigError, match="image_size"):  # ViT reads [H, W] (issue 14); timm's Swin is square
+        swin.config_from_hf({"image_size": [224, 160]})
 
 
 def test_qkv_shape_mismatch_is_a_checkpoint_error():
@@ -303,3 +303,28 @@ def test_swin_reads_legacy_index_buffers(tmp_path):
     mapped, unused = ENTRIES["swin"].hf.state_dict_from_hf(sd, hf_json)
     assert unused == ["encoder.layers.0.blocks.0.attention.self.relative_position_index"]
     enc.load_state_dict(mapped, strict=True)
+
+
+@pytest.mark.parametrize("family", ["vit", "deit_distilled"])
+def test_rectangular_vit_matches_transformers(tmp_path, family):
+    """transformers' ViT/DeiT ``image_size`` may be [H, W]; timm takes the same (H, W), positions row-major."""
+    cls = transformers.ViTConfig if family == "vit" else transformers.DeiTConfig
+    model = transformers.ViTModel if family == "vit" else transformers.DeiTModel
+    hf = model(cls(image_size=[32, 48], patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                   intermediate_size=96))
+    enc, _ = _roundtrip(tmp_path, family, hf)
+    assert enc.preprocessing.image_size == (32, 48)
+    values = ENTRIES[family].hf.config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    assert values["img_size"] == (32, 48)
+    assert ENTRIES[family].hf.config_to_hf(ENTRIES[family].config_cls(**values).model_dump())["image_size"] == [32, 48]
+    _assert_parity(hf, enc, hidden_states=True)
+
+
+def test_rectangular_img_size_checks():
+    assert _tiny("vit", img_size=[32, 48])(torch.randn(1, 3, 32, 48)).last_hidden_state.shape == (1, 1 + 4 * 6, 48)
+    with pytest.raises(ValidationError, match="img_size 44 is not divisible by patch_size 8"):
+        tv.ViTConfig(**{**ENTRIES["vit"].tiny, "img_size": [32, 44]})
+    with pytest.raises(ValidationError, match="img_size"):
+        tv.ViTConfig(**{**ENTRIES["vit"].tiny, "img_size": [32, 48, 3]})
+    with pytest.raises(ConfigError, match="image_size"):
+        ENTRIES["beit"].hf.config_from_hf({"image_size": [32, 48]})  # timm's BEiT takes a square

@@ -120,10 +120,15 @@ class TimmEncoder(nn.Module):
         return EncoderOutput(last, tuple(self._tokens(t) for t in seen))
 
 
-def _preprocessing(model: nn.Module, img_size: int | None, in_chans: int) -> Preprocessing:
+def _sides(img_size: int | tuple[int, int]) -> tuple[int, int]:
+    """``img_size`` as (H, W): one number is a square."""
+    return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+
+
+def _preprocessing(model: nn.Module, img_size: int | tuple[int, int] | None, in_chans: int) -> Preprocessing:
     data = resolve_data_config({}, model=model)
     # timm's data config describes the pretrained weights (224 px); the model we built may be another size.
-    h, w = (img_size, img_size) if img_size else tuple(data["input_size"][-2:])
+    h, w = _sides(img_size) if img_size else tuple(data["input_size"][-2:])
     mean, std = tuple(data["mean"]), tuple(data["std"])
     if len(mean) != in_chans:  # e.g. a 1-channel model built from an RGB config: use the average
         mean = (sum(mean) / len(mean),) * in_chans
@@ -142,13 +147,14 @@ def _preprocessing(model: nn.Module, img_size: int | None, in_chans: int) -> Pre
 # Configs
 
 
-def _check_patch(img_size: int, patch_size: int) -> None:
-    if img_size % patch_size:
-        lo, hi = img_size // patch_size * patch_size, (img_size // patch_size + 1) * patch_size
-        raise ValueError(
-            f"img_size {img_size} is not divisible by patch_size {patch_size}; expected a multiple of "
-            f"{patch_size}; fix: use img_size {lo or hi} or {hi}, or a patch_size that divides {img_size}"
-        )
+def _check_patch(img_size: int | tuple[int, int], patch_size: int) -> None:
+    for side in sorted(set(_sides(img_size))):
+        if side % patch_size:
+            lo, hi = side // patch_size * patch_size, (side // patch_size + 1) * patch_size
+            raise ValueError(
+                f"img_size {side} is not divisible by patch_size {patch_size}; expected a multiple of "
+                f"{patch_size}; fix: use img_size {lo or hi} or {hi}, or a patch_size that divides {side}"
+            )
 
 
 def _check_heads(width: int, heads: int, where: str = "") -> None:
@@ -209,11 +215,11 @@ class _Patches(_Strict):
 
     @model_validator(mode="after")
     def _bounded(self) -> "_Patches":
-        grid = self.img_size // self.patch_size
-        if grid * grid > self.max_tokens:
+        gh, gw = (side // self.patch_size for side in _sides(self.img_size))
+        if gh * gw > self.max_tokens:
             raise ValueError(
-                f"img_size {self.img_size} / patch_size {self.patch_size} is a {grid}x{grid} grid of "
-                f"{grid * grid:,} patches; expected at most {self.max_tokens:,}; fix: a larger patch_size or a "
+                f"img_size {self.img_size} / patch_size {self.patch_size} is a {gh}x{gw} grid of "
+                f"{gh * gw:,} patches; expected at most {self.max_tokens:,}; fix: a larger patch_size or a "
                 f"smaller img_size (docs/limits.md)")
         weight = self.embed_dim * self.in_chans * self.patch_size**2
         if weight > MAX_WEIGHT:
@@ -250,8 +256,9 @@ class _PatchTransformer(_Patches):
 
 
 class ViTConfig(_PatchTransformer):
-    """A plain ViT (timm ``vit_base_patch16_224``)."""
+    """A plain ViT (timm ``vit_base_patch16_224``); ``img_size`` is one side (a square) or ``[H, W]``."""
 
+    img_size: ImageSize | tuple[ImageSize, ImageSize] = 224
     qkv_bias: bool = True
     pos_embed_init: Literal["learned", "sincos"] = Field(
         "learned", description="learned: timm's random init; sincos: fixed 2-D sin-cos values (MAE), prefix tokens 0"
@@ -299,18 +306,23 @@ class BEiTConfig(_PatchTransformer):
             "fewer layers, or use_shared_rel_pos_bias: true with use_rel_pos_bias: false (one table for all blocks)")
 
 
-class SwinConfig(_Patches):
-    """Swin Transformer (timm ``swin_base_patch4_window7_224`` by default)."""
+class SwinStages(_Strict):
+    """The stage fields of Swin-like encoders (``swin``, ``donut_swin``); each declares its image fields first."""
 
-    max_tokens: ClassVar[int] = MAX_PATCHES  # windowed attention: the patch grid may be large
-    patch_size: ImageSize = 4
-    embed_dim: Width = 128
     depths: tuple[Layers, ...] = Field(default=(2, 2, 18, 2), min_length=1, max_length=MAX_STAGES)
     num_heads: tuple[Heads, ...] = Field(default=(4, 8, 16, 32), min_length=1, max_length=MAX_STAGES)
     window_size: ImageSize = 7
     mlp_ratio: MlpRatio = 4.0
     qkv_bias: bool = True
     layer_norm_eps: Eps = 1e-5
+
+
+class SwinConfig(SwinStages, _Patches):  # _Patches' fields first: the stage validators read img_size and patch_size
+    """Swin Transformer (timm ``swin_base_patch4_window7_224`` by default)."""
+
+    max_tokens: ClassVar[int] = MAX_PATCHES  # windowed attention: the patch grid may be large
+    patch_size: ImageSize = 4
+    embed_dim: Width = 128
 
     @field_validator("depths")
     @classmethod
@@ -358,18 +370,7 @@ class SwinConfig(_Patches):
         return v
 
     def check_size(self) -> None:
-        stages, blocks = len(self.depths), sum(self.depths)
-        if blocks > MAX_LAYERS:
-            raise ValueError(
-                f"depths {list(self.depths)} add up to {blocks} blocks; expected at most {MAX_LAYERS} (validate "
-                f"builds every block); fix: fewer blocks per stage (docs/limits.md)")
-        last = self.embed_dim * 2 ** (stages - 1)
-        if last > MAX_WIDTH:
-            raise ValueError(
-                f"the last of {stages} stages would be embed_dim x 2^{stages - 1} = {last:,} wide; expected at most "
-                f"{MAX_WIDTH:,}; fix: a smaller embed_dim or fewer stages (docs/limits.md)")
-        self._check_mlp(self.embed_dim, self.mlp_ratio, " in the first stage")
-        self._check_mlp(last, self.mlp_ratio, " in the last stage")
+        check_swin_stages(self.embed_dim, self.depths, self.mlp_ratio)
         check_build_memory(
             self._buffer_bytes(), "relative position indexes and shifted-window attention masks",
             "img_size / patch_size, window_size and depths",
@@ -387,6 +388,23 @@ class SwinConfig(_Patches):
             if res > self.window_size:
                 total += depth // 2 * 4 * MASK_COPIES * res**2 * window**2
         return total
+
+
+def check_swin_stages(embed_dim: int, depths: tuple[int, ...], mlp_ratio: float) -> None:
+    """What Swin-like stages (``swin``, ``donut_swin``) may cost (raises ``ValueError``): the blocks validate builds,
+    the last stage's width (it doubles per stage), the first and last stages' MLP widths."""
+    stages, blocks = len(depths), sum(depths)
+    if blocks > MAX_LAYERS:
+        raise ValueError(
+            f"depths {list(depths)} add up to {blocks} blocks; expected at most {MAX_LAYERS} (validate "
+            f"builds every block); fix: fewer blocks per stage (docs/limits.md)")
+    last = embed_dim * 2 ** (stages - 1)
+    if last > MAX_WIDTH:
+        raise ValueError(
+            f"the last of {stages} stages would be embed_dim x 2^{stages - 1} = {last:,} wide; expected at most "
+            f"{MAX_WIDTH:,}; fix: a smaller embed_dim or fewer stages (docs/limits.md)")
+    _Patches._check_mlp(embed_dim, mlp_ratio, " in the first stage")
+    _Patches._check_mlp(last, mlp_ratio, " in the last stage")
 
 
 class TimmConfig(_Strict):
@@ -668,19 +686,30 @@ def _square(c: dict, field: str) -> int:
     return int(v)
 
 
+def _size(c: dict, field: str) -> int | tuple[int, int]:
+    """A ViT's ``image_size``: one int for a square, else (H, W)."""
+    v = c[field]
+    if isinstance(v, (list, tuple)):
+        if len(v) != 2:
+            raise _reject(field, v, "one int, or [height, width]")
+        return int(v[0]) if v[0] == v[1] else (int(v[0]), int(v[1]))
+    return int(v)
+
+
 def _gelu(c: dict) -> None:
     if c["hidden_act"] not in ("gelu", "gelu_python"):
         raise _reject("hidden_act", c["hidden_act"], "'gelu' (exact GELU, timm's default)")
 
 
-def _vit_config_from_hf(hf: dict) -> dict:
+def _vit_config_from_hf(hf: dict, rectangular: bool = True) -> dict:
     c = {**_HF_VIT, **hf}
     _gelu(c)
     width, inner = int(c["hidden_size"]), int(c["intermediate_size"])
     ratio = inner / width
     if int(width * ratio) != inner:  # timm sizes the MLP as int(width * mlp_ratio)
         raise _reject("intermediate_size", inner, f"a size timm can express as int({width} * mlp_ratio)")
-    return dict(img_size=_square(c, "image_size"), patch_size=_square(c, "patch_size"),
+    return dict(img_size=_size(c, "image_size") if rectangular else _square(c, "image_size"),
+                patch_size=_square(c, "patch_size"),
                 in_chans=int(c["num_channels"]), embed_dim=width, depth=int(c["num_hidden_layers"]),
                 num_heads=int(c["num_attention_heads"]), mlp_ratio=ratio, qkv_bias=bool(c["qkv_bias"]),
                 layer_norm_eps=float(c["layer_norm_eps"]))
@@ -688,7 +717,7 @@ def _vit_config_from_hf(hf: dict) -> dict:
 
 def _beit_config_from_hf(hf: dict) -> dict:
     c = {**_HF_BEIT, **hf}
-    out = _vit_config_from_hf(c)
+    out = _vit_config_from_hf(c, rectangular=False)  # timm's BEiT takes a square
     del out["qkv_bias"]  # BEiT has q and v biases whatever qkv_bias says
     layer_scale = c["layer_scale_init_value"]
     return dict(out, init_values=float(layer_scale) if layer_scale and layer_scale > 0 else None,
@@ -713,7 +742,9 @@ def _swin_config_from_hf(hf: dict) -> dict:
 
 
 def _vit_config_to_hf(v: dict, model_type: str = "vit") -> dict:
-    return dict(model_type=model_type, image_size=v["img_size"], patch_size=v["patch_size"], num_channels=v["in_chans"],
+    size = v["img_size"]
+    return dict(model_type=model_type, image_size=list(size) if isinstance(size, (list, tuple)) else size,
+                patch_size=v["patch_size"], num_channels=v["in_chans"],
                 hidden_size=v["embed_dim"], num_hidden_layers=v["depth"], num_attention_heads=v["num_heads"],
                 intermediate_size=int(v["embed_dim"] * v["mlp_ratio"]), hidden_act="gelu",
                 layer_norm_eps=v["layer_norm_eps"], qkv_bias=v.get("qkv_bias", True))
@@ -811,7 +842,8 @@ def _vit_table(c: dict, family: str) -> list[Row]:
     return rows
 
 
-def _swin_table(c: dict) -> list[Row]:
+def swin_table(c: dict) -> list[Row]:
+    """transformers' Swin names -> timm's (``donut_swin`` reads its own layout through it too)."""
     rows = _wb("embeddings.patch_embeddings.projection", "patch_embed.proj")
     rows += _wb("embeddings.norm", "patch_embed.norm")
     stages = len(c["depths"])
@@ -839,7 +871,7 @@ _TIMM_ONLY = "export an encoder whose config transformers can express, or export
 def _hf(model_types: tuple[str, ...], family: str) -> HFInterop:
     def table(hf: dict) -> list[Row]:
         if family == "swin":
-            rows = _swin_table({**_HF_SWIN, **hf})
+            rows = swin_table({**_HF_SWIN, **hf})
         else:
             rows = _vit_table({**(_HF_BEIT if family == "beit" else _HF_VIT), **hf}, family)
         return [row.prefixed(ours="model.") for row in rows]  # TimmEncoder keeps the timm model as .model
