@@ -44,10 +44,13 @@ from splice.core.registry import DuplicateNameError, Entry, Registry
 ENTRY_POINT_GROUP = "splice"
 BUILTIN_PLUGINS = (
     "splice.plugins.timm_vision",
+    "splice.plugins.donut_swin",
     "splice.plugins.gpt2",
     "splice.plugins.bert",
     "splice.plugins.roberta",
     "splice.plugins.bart",
+    "splice.plugins.trocr",
+    "splice.plugins.mbart",
     "splice.adapters.cross_attention",
     "splice.adapters.projection",
     "splice.kinds.encoder_decoder",
