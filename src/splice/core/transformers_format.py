@@ -30,31 +30,65 @@ def _first(*values):
 
 
 def spec_from_ved_config(config: dict, source: str = "config.json") -> tuple[dict, dict]:
-    """A composition spec for a transformers VED config, plus the generation defaults it implies."""
+    """A composition spec for a transformers VED config, plus the generation defaults it implies: the legacy
+    generation settings of ``config.json`` (``legacy_generation``) when no ``generation_config.json`` sits beside it,
+    and a list of eos ids."""
     check_ved_config(config, source)
     registry = get_registry()
+    entries = {role: registry.by_hf_model_type(role, config[role]["model_type"]) for role in ("encoder", "decoder")}
+    unread = [role for role, entry in entries.items() if entry is None]
+    if unread:
+        raise ConfigError([_unread_problem(registry, role, config[role]["model_type"]) for role in unread],
+                          source=source)
     spec: dict = {"kind": "encoder-decoder", "projection": "auto"}
-    for role in ("encoder", "decoder"):
-        sub = config[role]
-        entry = registry.by_hf_model_type(role, sub["model_type"])
-        if entry is None:
-            known = sorted({t for e in registry.entries(role) if e.hf for t in e.hf.model_types})
-            raise field_error(source, f"{role}.model_type", f"no splice {role} reads this model type",
-                              given=sub["model_type"], expected=f"one of {', '.join(known)}",
-                              fix="install a plugin that registers one", cls=ConfigError)
-        spec[role] = {"name": entry.name, "config": part_config_from_hf(entry, sub, source=source, prefix=f"{role}.")}
+    for role, entry in entries.items():
+        spec[role] = {"name": entry.name,
+                      "config": part_config_from_hf(entry, config[role], source=source, prefix=f"{role}.")}
     dec = config["decoder"]
     spec["cross_attention"] = {"kind": "standard", "layers": "all" if dec.get("add_cross_attention", True) else "none"}
-    spec["tokens"] = {
-        "decoder_start": _first(config.get("decoder_start_token_id"), dec.get("decoder_start_token_id"), dec.get("bos_token_id")),
+    spec["tokens"] = {  # transformers: decoder_start_token_id, else bos_token_id; each the outer value, else the decoder's
+        "decoder_start": _first(config.get("decoder_start_token_id"), dec.get("decoder_start_token_id"),
+                                config.get("bos_token_id"), dec.get("bos_token_id")),
         "pad": _first(config.get("pad_token_id"), dec.get("pad_token_id")),
         "eos": _first(config.get("eos_token_id"), dec.get("eos_token_id")),
     }
     generation = {}
+    if not (Path(source).parent / "generation_config.json").exists():
+        generation = checked_generation(Path(source), legacy_generation(config))
     eos = config.get("eos_token_id", dec.get("eos_token_id"))
     if isinstance(eos, list):
         generation["eos_token_id"] = eos
     return spec, generation
+
+
+def _unread_problem(registry, role: str, model_type: str) -> Problem:
+    """The problem for a part no registered plugin reads: what is read, and where to look for more."""
+    known = sorted({t for e in registry.entries(role) if e.hf for t in e.hf.model_types})
+    return Problem(f"{role}.model_type", f"no splice {role} reads this model type", given=model_type,
+                   expected=f"one of {', '.join(known)}",
+                   fix=f"`splice list --kind {role}` shows the {role}s installed; install a plugin that reads "
+                   f"{short(model_type)}, or write one (docs/writing-a-plugin.md)")
+
+
+# the options transformers takes from a config.json without generation_config.json, besides the token ids (tokens)
+LEGACY_OPTIONS = ("max_length", "min_length", "num_beams", "num_return_sequences", "do_sample", "temperature",
+                  "top_k", "top_p", "length_penalty", "early_stopping", "no_repeat_ngram_size", "repetition_penalty",
+                  "forced_bos_token_id", "forced_eos_token_id", "max_new_tokens", "min_new_tokens")
+
+
+def legacy_generation(config: dict) -> dict:
+    """The generation settings an old ``config.json`` holds (2021-22 folders: no generation_config.json), as
+    transformers 5 reads them (``GenerationConfig.from_model_config`` on the file's dict): each option's value at the
+    top level when it is not null, else the decoder's. transformers 4 differs in one case: a top-level value equal
+    to transformers' default (``num_beams: 1``) yields to the decoder's there; splice follows 5."""
+    dec = config.get("decoder") if isinstance(config.get("decoder"), dict) else {}
+    out = {}
+    for key in LEGACY_OPTIONS:
+        value = config.get(key)
+        value = dec.get(key) if value is None else value
+        if value is not None:
+            out[key] = value
+    return out
 
 
 _TOKEN_IDS = ("decoder_start_token_id", "bos_token_id", "pad_token_id", "eos_token_id")

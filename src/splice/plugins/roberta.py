@@ -9,19 +9,26 @@ The blocks, the model and the checkpoint mapping are BERT's (``splice.plugins.be
 - its defaults (``roberta-base``: 514 positions, pad 1, one token type, eps 1e-5);
 - its head: ``lm_head.{dense, layer_norm, bias, decoder (tied)}``, whose activation is always the exact GELU.
 
+XLM-RoBERTa (``XLMRobertaForCausalLM``, model type ``xlm-roberta``) and CamemBERT (``CamembertForCausalLM``,
+``camembert``) are this architecture under other names: the same config keys, blocks, positions and tensor names
+(base model under ``roberta.``). Only transformers' defaults for a missing key differ (``vocab_size`` 30522), and
+``hf_model_type`` keeps which of the three a checkpoint was, so an export writes it back.
+
 Module state-dict names are BERT's (see ``bert.py``); on disk the base model is under ``roberta.``
 (RobertaForCausalLM / RobertaForMaskedLM) or unprefixed (RobertaModel).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
 from splice import hookimpl
+from splice.core.interfaces import HFInterop
 from splice.plugins._shared import Eps, Positions, TokenId, Vocab
 from splice.plugins.bert import BertConfig, BertDecoder, HFLayout, TokenTypes
 
@@ -43,6 +50,9 @@ class RobertaConfig(BertConfig):
     type_vocab_size: TokenTypes = Field(1, description="token types; a decoder always uses type 0")
     layer_norm_eps: Eps = 1e-5
     pad_token_id: TokenId = 1
+    hf_model_type: Literal["roberta", "xlm-roberta", "camembert"] = Field(
+        "roberta", description="the transformers model type the weights came from (the same architecture); "
+        "an export writes it back")
 
     @model_validator(mode="after")
     def _positions_fit(self) -> "RobertaConfig":
@@ -61,9 +71,10 @@ class RobertaDecoder(BertDecoder):
     family = "RoBERTa"
     head_activation = "gelu"
 
-    def __init__(self, **kwargs):
-        kwargs = {**RobertaConfig().model_dump(), **kwargs}  # RoBERTa's defaults, not BERT's
+    def __init__(self, hf_model_type: str = "roberta", **kwargs):
+        kwargs = {**RobertaConfig().model_dump(exclude={"hf_model_type"}), **kwargs}  # RoBERTa's defaults, not BERT's
         super().__init__(**kwargs)
+        self.hf_model_type = hf_model_type
 
     @staticmethod
     def _max_tokens(max_position_embeddings: int, pad_token_id: int) -> int:
@@ -78,11 +89,40 @@ def build_roberta(config: RobertaConfig) -> RobertaDecoder:
     return RobertaDecoder(**config.model_dump())
 
 
-LAYOUT = HFLayout(
+# the model types read as RoBERTa, with the one default of transformers' config that differs between them
+MODEL_TYPES = {"roberta": 50265, "xlm-roberta": 30522, "camembert": 30522}  # model_type -> default vocab_size
+
+
+@dataclass(frozen=True)
+class RobertaLayout(HFLayout):
+    """BERT's layout under RoBERTa's names, for the three model types that share it."""
+
+    def _defaults(self, hf: dict) -> dict:
+        return {**self.hf_defaults, "vocab_size": MODEL_TYPES.get(hf.get("model_type"), MODEL_TYPES["roberta"])}
+
+    def dims(self, hf: dict) -> dict[str, int]:
+        return HFLayout.dims(replace(self, hf_defaults=self._defaults(hf)), hf)
+
+    def config_from_hf(self, hf: dict) -> dict:
+        values = HFLayout.config_from_hf(replace(self, hf_defaults=self._defaults(hf)), hf)
+        model_type = hf.get("model_type")
+        return {**values, "hf_model_type": model_type} if model_type in MODEL_TYPES and model_type != "roberta" \
+            else values
+
+    def config_to_hf(self, values: dict) -> dict:
+        values = dict(values)
+        model_type = values.pop("hf_model_type", "roberta")
+        return {**HFLayout.config_to_hf(self, values), "model_type": model_type}
+
+    def interop(self) -> HFInterop:
+        return replace(HFLayout.interop(self), model_types=tuple(MODEL_TYPES))
+
+
+LAYOUT = RobertaLayout(
     family="RoBERTa", model_type="roberta", prefix="roberta.", config_cls=RobertaConfig,
     head_dense="lm_head.dense", head_norm="lm_head.layer_norm", head_bias="lm_head.bias",
     head_decoder="lm_head.decoder",
-    # transformers' RobertaConfig defaults (BERT's), used when a config.json leaves a key out
+    # transformers' RobertaConfig defaults (BERT's), used when a config.json leaves a key out; vocab_size by type
     hf_defaults=dict(vocab_size=50265, max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
                      pad_token_id=1),
 )
@@ -93,6 +133,6 @@ config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf, HF = LAYOUT.
 def register_decoders(register):
     register(
         "roberta", build_roberta, RobertaConfig, tiny=dict(TINY), hf=HF,
-        description="RoBERTa (Facebook) as a causal LM: BERT's post-norm blocks, padding-relative positions; "
-        "cross-attention through adapters",
+        description="RoBERTa (Facebook) as a causal LM, also reading XLM-RoBERTa and CamemBERT: BERT's post-norm "
+        "blocks, padding-relative positions; cross-attention through adapters",
     )
