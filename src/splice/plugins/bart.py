@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from splice import hookimpl
 from splice.core.kernels import Linear, dropout, linear
-from splice.core.errors import ConfigError, IncompatibleComponentsError, InputError, Problem, short
+from splice.core.errors import ConfigError, InputError, Problem, short
 from splice.core.interfaces import HFInterop
 from splice.core.keymap import DUPLICATE, Row, check_shape, from_hf, to_hf
 from splice.core.cache import context_kv
@@ -246,31 +246,12 @@ class BartDecoder(NativeDecoder):
     def output(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x, (linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x))  # (B, T, V)
 
-    def install_cross_attention(self, index: int, module: nn.Module) -> None:
-        raise IncompatibleComponentsError([Problem(
-            "cross_attention", f"BART has its own cross-attention (encoder_attn) in every layer; cannot install "
-            f"an adapter's module at layer {index}", given=type(module).__name__,
-            expected="no adapter for a decoder with native_cross_attention",
-            fix="drop `cross_attention` from the spec (BART's encoder_attn is used), or pick a decoder without "
-            "native cross-attention (gpt2)", error="incompatible",
-        )])
-
     def _check_position_ids(self, position_ids: Tensor) -> None:
         lo, hi = int(position_ids.min()), int(position_ids.max())
         if lo < 0 or hi >= self.max_positions:
             raise InputError(
                 f"position_ids span {lo}..{hi}, but max_position_embeddings={self.max_positions}; "
                 f"fix: keep positions in [0, {self.max_positions - 1}] (BART's offset of 2 is added inside)"
-            )
-
-    def _check_context(self, context: Tensor, B: int) -> None:
-        if context.dim() != 3 or context.shape[0] != B:
-            raise InputError(f"context must have shape (B={B}, N, D={self.hidden_size}); given {tuple(context.shape)}")
-        if context.shape[-1] != self.hidden_size:
-            raise InputError(
-                f"context width {context.shape[-1]} does not match BART's cross-attention, which expects "
-                f"d_model={self.hidden_size}; fix: project the encoder output to {self.hidden_size} "
-                f"(projection: linear/auto)"
             )
 
 
