@@ -487,10 +487,10 @@ def field_error(path: Path | str, field: str, message: str, *, given: object = N
     return cls([Problem(field, message, given=given, expected=expected, fix=fix)], source=str(path))
 
 
-def read_json(path: Path, *, limit: int = JSON_LIMIT) -> object:
+def read_json(path: Path, *, limit: int = JSON_LIMIT, wide: tuple[str, ...] = ()) -> object:
     """A JSON file as Python data. Anything but a regular file of UTF-8 JSON, under ``limit`` bytes and
-    ``JSON_DEPTH`` levels, with finite numbers and integers that fit 64 bits, is a ``CheckpointError`` that names
-    the file (and the field)."""
+    ``JSON_DEPTH`` levels, with finite numbers and integers that fit 64 bits (but for the top-level keys ``wide``),
+    is a ``CheckpointError`` that names the file (and the field)."""
     fix = f"\n    fix: {AGAIN}"
     if not path.is_file():
         what = "is missing" if not path.exists() and not path.is_symlink() else "is not a regular file"
@@ -511,11 +511,11 @@ def read_json(path: Path, *, limit: int = JSON_LIMIT) -> object:
         raise CheckpointError(f"{path}: nested deeper than {JSON_DEPTH} levels{fix}") from None
     except ValueError as exc:  # JSONDecodeError (with line and column), or an integer of too many digits
         raise CheckpointError(f"{path}: not valid JSON ({short(str(exc), 160)}){fix}") from None
-    _check_json_values(path, data)
+    _check_json_values(path, data, wide)
     return data
 
 
-def _check_json_values(path: Path, data: object) -> None:
+def _check_json_values(path: Path, data: object, wide: tuple[str, ...] = ()) -> None:
     """Refuse NaN and infinities (not JSON), integers beyond 64 bits, and nesting beyond ``JSON_DEPTH``."""
     todo = [("", data, 0)]
     while todo:
@@ -528,7 +528,8 @@ def _check_json_values(path: Path, data: object) -> None:
             items = ()
             if isinstance(value, float) and not math.isfinite(value):
                 raise field_error(path, where, "not a JSON number", given=value, expected="a finite number")
-            if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+            if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64 \
+                    and where not in wide:
                 raise field_error(path, where, "an integer beyond 64 bits", given=value,
                                   expected="an integer that fits 64 bits")
         if isinstance(value, (dict, list)) and depth >= JSON_DEPTH:
@@ -647,7 +648,8 @@ def tied_aliases(meta: dict, tensors: dict, source: str) -> dict[str, str]:
 
 def load_tokenizer(folder: Path):
     """The folder's tokenizer: tokenizer.json, or the vocab files of GPT-2/RoBERTa (vocab.json + merges.txt) or
-    BERT (vocab.txt) layouts. None when there is none."""
+    BERT (vocab.txt) layouts, or a sentencepiece model alone (XLM-R's sentencepiece.bpe.model, T5's spiece.model).
+    None when there is none."""
     if (folder / "tokenizer.json").exists():
         return _tokenizer_from(folder / "tokenizer.json", lambda: _tokenizers().Tokenizer.from_file(
             str(folder / "tokenizer.json")))
@@ -656,12 +658,49 @@ def load_tokenizer(folder: Path):
             str(folder / "vocab.json"), str(folder / "merges.txt"))._tokenizer, also="merges.txt")
     if (folder / "vocab.txt").exists():
         cfg = folder / "tokenizer_config.json"
-        lower = read_json_mapping(cfg).get("do_lower_case", True) if cfg.exists() else True
+        lower = _tokenizer_options(folder).get("do_lower_case", True)
         if not isinstance(lower, bool):
             raise field_error(cfg, "do_lower_case", "not a boolean", given=lower, expected="true or false")
         return _tokenizer_from(folder / "vocab.txt", lambda: _tokenizers().implementations.BertWordPieceTokenizer(
             str(folder / "vocab.txt"), lowercase=lower)._tokenizer)
+    for name, default in SENTENCEPIECE_FILES.items():
+        if (folder / name).exists():
+            return _sentencepiece_tokenizer(folder / name, default)
     return None
+
+
+def _tokenizer_options(folder: Path) -> dict:
+    """The folder's tokenizer_config.json ({} when there is none). Its model_max_length may be transformers'
+    "no limit", 10**30, beyond 64 bits."""
+    cfg = folder / "tokenizer_config.json"
+    if not cfg.exists():
+        return {}
+    data = read_json(cfg, wide=("model_max_length",))
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg}: holds {_described(data)}\n    expected: a JSON mapping\n    fix: {AGAIN}")
+    return data
+
+
+# a sentencepiece model alone (no tokenizer.json) -> the tokenizer class it belongs to when tokenizer_config.json
+# does not say: XLM-R's file name (TrOCR-small, Donut) and T5's
+SENTENCEPIECE_FILES = {"sentencepiece.bpe.model": "XLMRobertaTokenizer", "spiece.model": "T5Tokenizer"}
+
+
+def _sentencepiece_tokenizer(path: Path, default: str):
+    """A tokenizer given only as a sentencepiece model, converted as transformers 5 converts it for the folder's
+    tokenizer class (tokenizer_config.json's ``tokenizer_class``, else the file name's)."""
+    from splice.core.sentencepiece_files import SPM_CLASSES, spm_tokenizer
+
+    cfg = path.parent / "tokenizer_config.json"
+    options = _tokenizer_options(path.parent)
+    cls = options.get("tokenizer_class") or default
+    name = cls.removesuffix("Fast") if isinstance(cls, str) else cls
+    if name not in SPM_CLASSES:
+        raise field_error(cfg, "tokenizer_class", f"splice converts {path.name} only for "
+                          f"{' and '.join(SPM_CLASSES)}", given=cls, expected=" or ".join(map(repr, SPM_CLASSES)),
+                          fix="save the tokenizer as tokenizer.json with transformers (AutoTokenizer.from_pretrained("
+                          f"folder).save_pretrained(folder)), or remove {path.name} to load the model without it")
+    return _tokenizer_from(path, lambda: spm_tokenizer(path.read_bytes(), name, options))
 
 
 def _tokenizers():
