@@ -106,8 +106,7 @@ class RobertaLayout(HFLayout):
     def config_from_hf(self, hf: dict) -> dict:
         values = HFLayout.config_from_hf(replace(self, hf_defaults=self._defaults(hf)), hf)
         model_type = hf.get("model_type")
-        return {**values, "hf_model_type": model_type} if model_type in MODEL_TYPES and model_type != "roberta" \
-            else values
+        return {**values, "hf_model_type": model_type} if model_type in MODEL_TYPES else values
 
     def config_to_hf(self, values: dict) -> dict:
         values = dict(values)
