@@ -23,10 +23,7 @@ transformers = pytest.importorskip("transformers")
 FIXTURES = Path(__file__).parent / "fixtures" / "transformers457"
 ATOL = 1e-4
 # known gaps, each a strict xfail: when it is fixed the test fails until the mark is removed
-KNOWN = {
-    "swin-bart": "transformers 4.x Swin files carry attention.self.relative_position_index buffers; the swin "
-                 "plugin's HFInterop.ignorable (plugins/timm_vision.py) does not list them, so a strict load refuses them",
-}
+KNOWN: dict[str, str] = {}  # folder -> why splice cannot read it yet (each an expected failure)
 FOLDERS = [pytest.param(p.name, marks=[pytest.mark.xfail(strict=True, raises=splice.CheckpointError,
                                                          reason=KNOWN[p.name])] if p.name in KNOWN else [])
            for p in sorted(FIXTURES.iterdir()) if (p / "config.json").is_file()]

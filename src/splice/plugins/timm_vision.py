@@ -885,7 +885,9 @@ def _hf(model_types: tuple[str, ...], family: str) -> HFInterop:
         config_from_hf=config_from_hf,
         state_dict_from_hf=lambda sd, hf: from_hf(sd, table(hf), _disk_name, family),
         state_dict_to_hf=lambda sd, hf: to_hf(sd, table(hf), layout=family, fix=_TIMM_ONLY),
-        ignorable=(r"pooler\..+", r"(?:.*\.)?position_ids"),  # the base model's pooler has no place in an encoder
+        # the base model's pooler has no place in an encoder; transformers 4.x files carry derived buffers
+        # (position ids, Swin's relative_position_index) that timm computes itself
+        ignorable=(r"pooler\..+", r"(?:.*\.)?position_ids", r"(?:.*\.)?relative_position_index"),
     )
 
 
