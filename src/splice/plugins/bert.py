@@ -28,7 +28,7 @@ read as ``weight/bias``; the pooler, the next-sentence head and the ``position_i
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal
 
 import torch
@@ -39,7 +39,8 @@ from splice import hookimpl
 from splice.adapters.cross_attention import STANDARD_PARAMS
 from splice.core.kernels import Linear, dropout, linear
 from splice.core.errors import ConfigError, Problem
-from splice.core.interfaces import HFInterop
+from splice.core.inputs import check_token_ids, home_tensor, input_error
+from splice.core.interfaces import HFInterop, TextEncoderOutput
 from splice.core.keymap import DUPLICATE, Row, from_hf, to_hf
 from splice.core.cache import context_kv
 from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, normal_init, split_heads
@@ -49,7 +50,8 @@ from splice.plugins._shared import bounded_int
 
 __all__ = [
     "BertConfig", "BertDecoder", "BertEmbeddings", "BertSelfAttention", "BertMLP", "BertLayer", "BertLMHead",
-    "HFLayout", "build_bert", "config_from_hf", "config_to_hf", "state_dict_from_hf", "state_dict_to_hf", "HF", "TINY",
+    "BertPooler", "BertTextEncoder", "HFLayout", "build_bert", "build_bert_text_encoder", "config_from_hf",
+    "config_to_hf", "state_dict_from_hf", "state_dict_to_hf", "HF", "ENCODER_HF", "TINY",
 ]
 
 Activation = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"]
@@ -98,7 +100,7 @@ class BertConfig(DecoderConfig):
 # ---- blocks -----------------------------------------------------------------------------------------------
 
 class BertEmbeddings(nn.Module):
-    """Word + learned position + token-type (always type 0) embeddings, then LayerNorm."""
+    """Word + learned position + token-type embeddings (type 0 unless ``token_type_ids`` are given), then LayerNorm."""
 
     def __init__(self, vocab_size: int, hidden_size: int, max_positions: int, type_vocab_size: int, eps: float,
                  dropout: float, pad_token_id: int):
@@ -109,8 +111,9 @@ class BertEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout_p = dropout
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
-        x = self.word(input_ids) + self.token_type.weight[0] + self.position(position_ids)  # (B, T, D)
+    def forward(self, input_ids: Tensor, position_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        types = self.token_type.weight[0] if token_type_ids is None else self.token_type(token_type_ids)  # (B, T, D)
+        x = self.word(input_ids) + types + self.position(position_ids)  # (B, T, D)
         return dropout(self.norm(x), self.dropout_p, self.training)  # (B, T, D)
 
 
@@ -193,6 +196,19 @@ class BertLMHead(nn.Module):
 # ---- model ------------------------------------------------------------------------------------------------
 
 
+def bert_stack(c: dict[str, Any]) -> tuple[BertEmbeddings, nn.ModuleList]:
+    """The embeddings and layers the decoder and the text encoder share, from ``BertConfig`` values (``c``)."""
+    embeddings = BertEmbeddings(c["vocab_size"], c["hidden_size"], c["max_position_embeddings"], c["type_vocab_size"],
+                                c["layer_norm_eps"], c["hidden_dropout_prob"], c["pad_token_id"])
+    layers = nn.ModuleList(
+        BertLayer(i, c["hidden_size"], c["num_attention_heads"], c["intermediate_size"], c["hidden_act"],
+                  c["layer_norm_eps"], c["attention_probs_dropout_prob"], c["hidden_dropout_prob"])
+        for i in range(c["num_hidden_layers"])
+    )
+    return embeddings, layers
+
+
+
 class BertDecoder(NativeDecoder):
     """Post-LN BERT as a causal language model, one empty cross-attention slot per layer (``TextDecoder``)."""
 
@@ -217,13 +233,7 @@ class BertDecoder(NativeDecoder):
         self.pad_token_id = pad_token_id
         self.initializer_range = initializer_range
 
-        self.embeddings = BertEmbeddings(vocab_size, hidden_size, max_position_embeddings, type_vocab_size,
-                                         layer_norm_eps, hidden_dropout_prob, pad_token_id)
-        self.layers = nn.ModuleList(
-            BertLayer(i, hidden_size, num_attention_heads, intermediate_size, hidden_act, layer_norm_eps,
-                      attention_probs_dropout_prob, hidden_dropout_prob)
-            for i in range(num_hidden_layers)
-        )
+        self.embeddings, self.layers = bert_stack(locals())
         self.head = BertLMHead(hidden_size, vocab_size, self.head_activation or hidden_act, layer_norm_eps,
                                tied=tie_word_embeddings)
         self.reset_parameters()
@@ -249,6 +259,86 @@ class BertDecoder(NativeDecoder):
 
 def build_bert(config: BertConfig) -> BertDecoder:
     return BertDecoder(**config.model_dump())
+
+
+# ---- the text encoder -------------------------------------------------------------------------------------
+
+
+class BertPooler(nn.Module):
+    """``tanh(dense(x[:, 0]))``: the first token's state as the sequence's vector (transformers' ``BertPooler``)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.dense = Linear(hidden_size, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.dense(x[:, 0]))  # (B, D)
+
+
+class BertTextEncoder(nn.Module):
+    """BERT as a bidirectional ``TextEncoder`` with its pooled output (transformers' ``BertModel``): the decoder's
+    embeddings and layers without the causal mask and with their cross-attention slots empty, token types read,
+    and the pooler. Module names are the decoder's (``embeddings.*``, ``layers.N.*``) plus ``pooler.dense.*``."""
+
+    family = "BERT"
+    positions_name = "max_position_embeddings"
+
+    def __init__(self, *, vocab_size: int, hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
+                 intermediate_size: int, hidden_act: str, hidden_dropout_prob: float,
+                 attention_probs_dropout_prob: float, max_position_embeddings: int, type_vocab_size: int,
+                 initializer_range: float, layer_norm_eps: float, pad_token_id: int):
+        super().__init__()
+        self.hidden_size, self.vocab_size, self.pad_token_id = hidden_size, vocab_size, pad_token_id
+        self.type_vocab_size, self.num_positions = type_vocab_size, max_position_embeddings
+        self.max_positions = self._max_tokens(max_position_embeddings, pad_token_id)
+        self.embeddings, self.layers = bert_stack(locals())
+        self.pooler = BertPooler(hidden_size)
+        normal_init(self, initializer_range)
+
+    @staticmethod
+    def _max_tokens(max_position_embeddings: int, pad_token_id: int) -> int:
+        return max_position_embeddings  # positions are 0, 1, ...
+
+    def positions(self, input_ids: Tensor, past: int = 0) -> Tensor:
+        return torch.arange(past, past + input_ids.shape[1], device=input_ids.device)  # (T,)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+                output_hidden_states: bool = False) -> TextEncoderOutput:
+        input_ids, mask = self._checked(input_ids, attention_mask, token_type_ids)
+        x = self.embeddings(input_ids, self.positions(input_ids, 0), token_type_ids)  # (B, T, D)
+        seen = [x]
+        for layer in self.layers:
+            x = layer(x, mask, False, None, None, None)  # (B, T, D)
+            seen.append(x)
+        return TextEncoderOutput(last_hidden_state=x, pooler_output=self.pooler(x),
+                                 hidden_states=tuple(seen) if output_hidden_states else None)
+
+    def _checked(self, input_ids: Tensor, attention_mask: Tensor | None,
+                 token_type_ids: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The ids, and the SDPA mask (B, 1, 1, T), True = attend; a wrong input is an ``InputError``."""
+        home = home_tensor(self.embeddings)
+        B = input_ids.shape[0] if isinstance(input_ids, Tensor) and input_ids.dim() else 0
+        input_ids, _ = check_token_ids("input_ids", input_ids, B, self.vocab_size, home, max_len=self.max_positions)
+        shape = tuple(input_ids.shape)
+        if token_type_ids is not None:
+            check_token_ids("token_type_ids", token_type_ids, B, self.type_vocab_size, home)
+            if tuple(token_type_ids.shape) != shape:
+                raise input_error("token_type_ids", "is not shaped like input_ids", given=tuple(token_type_ids.shape),
+                                  expected=f"{shape}, one type per token", fix="pass one token type per input id")
+        if attention_mask is None:
+            return input_ids, None
+        if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != shape:
+            raise input_error("attention_mask", "is not shaped like input_ids",
+                              given=tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else
+                              type(attention_mask).__name__, expected=f"a 0/1 tensor of shape {shape}",
+                              fix="1 marks a real token, 0 padding: one per input id")
+        keys = attention_mask.to(input_ids.device).bool()  # (B, T)
+        keys = keys | ~keys.any(dim=-1, keepdim=True)  # an all-padding row attends everywhere (no NaN), as transformers
+        return input_ids, keys[:, None, None, :]  # (B, 1, 1, T)
+
+
+def build_bert_text_encoder(config: BertConfig) -> BertTextEncoder:
+    return BertTextEncoder(**config.model_dump(exclude={"tie_word_embeddings"}))
 
 
 # ---- transformers interop ---------------------------------------------------------------------------------
@@ -288,16 +378,8 @@ class HFLayout:
         """Every tensor of this config, copied as is: HF name (head names as on disk, base names without
         ``prefix``), our name, HF shape (``splice.core.keymap``)."""
         d = self.dims(hf)
-        V, D, I, P, TV = d["vocab_size"], d["hidden_size"], d["intermediate_size"], d["max_position_embeddings"], \
-            d["type_vocab_size"]
-        table = [
-            Row("embeddings.word_embeddings.weight", "embeddings.word.weight", (V, D)),
-            Row("embeddings.position_embeddings.weight", "embeddings.position.weight", (P, D)),
-            Row("embeddings.token_type_embeddings.weight", "embeddings.token_type.weight", (TV, D)),
-            Row("embeddings.LayerNorm.weight", "embeddings.norm.weight", (D,)),
-            Row("embeddings.LayerNorm.bias", "embeddings.norm.bias", (D,)),
-            Row(self.head_bias, "head.bias", (V,)),
-        ]
+        V, D, I = d["vocab_size"], d["hidden_size"], d["intermediate_size"]
+        table = self.embedding_rows(d) + [Row(self.head_bias, "head.bias", (V,))]
         table += [Row(hf_name, ours, (D, D) if hf_name.endswith("dense.weight") else (D,))
                   for hf_name, ours in self.head.items()]
         for n in range(d["num_hidden_layers"]):
@@ -305,6 +387,49 @@ class HFLayout:
         if not hf.get("tie_word_embeddings", True):
             table.append(Row(self.head_decoder + ".weight", "head.decoder.weight", (V, D)))
         return table
+
+    @staticmethod
+    def embedding_rows(d: dict[str, int]) -> list[Row]:
+        V, D, P, TV = d["vocab_size"], d["hidden_size"], d["max_position_embeddings"], d["type_vocab_size"]
+        return [
+            Row("embeddings.word_embeddings.weight", "embeddings.word.weight", (V, D)),
+            Row("embeddings.position_embeddings.weight", "embeddings.position.weight", (P, D)),
+            Row("embeddings.token_type_embeddings.weight", "embeddings.token_type.weight", (TV, D)),
+            Row("embeddings.LayerNorm.weight", "embeddings.norm.weight", (D,)),
+            Row("embeddings.LayerNorm.bias", "embeddings.norm.bias", (D,)),
+        ]
+
+    def encoder_table(self, hf: dict) -> list[Row]:
+        """The text encoder's tensors (transformers' ``BertModel`` / ``RobertaModel``, pooler included): the
+        embeddings, each layer without cross-attention, the pooler."""
+        d = self.dims(hf)
+        D, I = d["hidden_size"], d["intermediate_size"]
+        table = self.embedding_rows(d)
+        layer = [row for row in _layer_rows(D, I) if not row.ours[0].startswith("crossattention.")]
+        for n in range(d["num_hidden_layers"]):
+            table += [row.prefixed(f"encoder.layer.{n}.", f"layers.{n}.") for row in layer]
+        return table + [Row("pooler.dense.weight", "pooler.dense.weight", (D, D)),
+                        Row("pooler.dense.bias", "pooler.dense.bias", (D,))]
+
+    def encoder_interop(self) -> HFInterop:
+        """The text encoder's ``HFInterop``: the base model with its pooler, read with or without ``prefix`` (a
+        ``*ForMaskedLM`` file's head is an expected extra), written unprefixed as ``BertModel`` / ``RobertaModel``."""
+        def from_hf_(sd: dict[str, Tensor], hf: dict) -> tuple[dict[str, Tensor], list[str]]:
+            dims = ", ".join(f"{k}={v}" for k, v in self.dims(hf).items())
+            return from_hf(sd, self.encoder_table(hf), lambda key: _hf_name(key, self.prefix), dims)
+
+        def to_hf_(sd: dict[str, Tensor], hf: dict) -> dict[str, Tensor]:
+            return to_hf(sd, self.encoder_table(hf), layout=f"{self.family} text encoder", fix=STANDARD_ONLY)
+
+        def config_to_hf(values: dict) -> dict:
+            values = {k: v for k, v in values.items() if k != "tie_word_embeddings"}
+            return {**self.config_to_hf(values), "is_decoder": False, "add_cross_attention": False}
+
+        base = f"(?:{re.escape(self.prefix)})?"
+        heads = (r"cls\..+", r"lm_head\..+")  # BERT's and RoBERTa's pre-training heads
+        return replace(self.interop(), config_to_hf=config_to_hf, state_dict_from_hf=from_hf_,
+                       state_dict_to_hf=to_hf_,
+                       ignorable=(base + r"embeddings\.(?:position_ids|token_type_ids)", *heads))
 
     # -- the HFInterop callables --
 
@@ -418,6 +543,8 @@ LAYOUT = HFLayout(family="BERT", model_type="bert", prefix="bert.", config_cls=B
                   head_dense="cls.predictions.transform.dense", head_norm="cls.predictions.transform.LayerNorm",
                   head_bias="cls.predictions.bias", head_decoder="cls.predictions.decoder")
 config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf, HF = LAYOUT.exports()
+ENCODER_HF = LAYOUT.encoder_interop()
+ENCODER_DESCRIPTION = "BERT (Google) as a bidirectional text encoder with its pooler (transformers' BertModel)"
 
 
 @hookimpl
@@ -426,3 +553,9 @@ def register_decoders(register):
         "bert", build_bert, BertConfig, tiny=dict(TINY), hf=HF,
         description="BERT (Google) as a causal LM: post-norm, learned positions; cross-attention through adapters",
     )
+
+
+@hookimpl
+def register_text_encoders(register):
+    register("bert", build_bert_text_encoder, BertConfig, tiny=dict(TINY), hf=ENCODER_HF,
+             description=ENCODER_DESCRIPTION)

@@ -30,10 +30,10 @@ from torch import Tensor
 from splice import hookimpl
 from splice.core.interfaces import HFInterop
 from splice.plugins._shared import Eps, Positions, TokenId, Vocab
-from splice.plugins.bert import BertConfig, BertDecoder, HFLayout, TokenTypes
+from splice.plugins.bert import BertConfig, BertDecoder, BertTextEncoder, HFLayout, TokenTypes
 
-__all__ = ["RobertaConfig", "RobertaDecoder", "build_roberta", "config_from_hf", "config_to_hf", "state_dict_from_hf",
-           "state_dict_to_hf", "HF", "TINY"]
+__all__ = ["RobertaConfig", "RobertaDecoder", "RobertaTextEncoder", "build_roberta", "build_roberta_text_encoder",
+           "config_from_hf", "config_to_hf", "state_dict_from_hf", "state_dict_to_hf", "HF", "ENCODER_HF", "TINY"]
 
 TINY: dict[str, Any] = dict(
     vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -89,6 +89,23 @@ def build_roberta(config: RobertaConfig) -> RobertaDecoder:
     return RobertaDecoder(**config.model_dump())
 
 
+class RobertaTextEncoder(BertTextEncoder):
+    """BERT's text encoder with RoBERTa's padding-relative positions (transformers' ``RobertaModel``, pooler
+    included)."""
+
+    family = "RoBERTa"
+    _max_tokens = staticmethod(RobertaDecoder._max_tokens)
+    positions = RobertaDecoder.positions
+
+    def __init__(self, hf_model_type: str = "roberta", **kwargs):
+        super().__init__(**kwargs)
+        self.hf_model_type = hf_model_type
+
+
+def build_roberta_text_encoder(config: RobertaConfig) -> RobertaTextEncoder:
+    return RobertaTextEncoder(**config.model_dump(exclude={"tie_word_embeddings"}))
+
+
 # the model types read as RoBERTa, with the one default of transformers' config that differs between them
 MODEL_TYPES = {"roberta": 50265, "xlm-roberta": 30522, "camembert": 30522}  # model_type -> default vocab_size
 
@@ -126,6 +143,9 @@ LAYOUT = RobertaLayout(
                      pad_token_id=1),
 )
 config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf, HF = LAYOUT.exports()
+ENCODER_HF = LAYOUT.encoder_interop()  # model types: the three above
+ENCODER_DESCRIPTION = ("RoBERTa (Facebook) as a bidirectional text encoder with its pooler (transformers' "
+                       "RobertaModel), also reading XLM-RoBERTa and CamemBERT")
 
 
 @hookimpl
@@ -135,3 +155,9 @@ def register_decoders(register):
         description="RoBERTa (Facebook) as a causal LM, also reading XLM-RoBERTa and CamemBERT: BERT's post-norm "
         "blocks, padding-relative positions; cross-attention through adapters",
     )
+
+
+@hookimpl
+def register_text_encoders(register):
+    register("roberta", build_roberta_text_encoder, RobertaConfig, tiny=dict(TINY), hf=ENCODER_HF,
+             description=ENCODER_DESCRIPTION)
