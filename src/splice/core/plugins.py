@@ -54,6 +54,7 @@ BUILTIN_PLUGINS = (
     "splice.adapters.cross_attention",
     "splice.adapters.projection",
     "splice.kinds.encoder_decoder",
+    "splice.kinds.dual_encoder",
 )
 _HOOKS = {
     "register_encoders": "encoder",
