@@ -4,6 +4,7 @@ can express in transformers."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -232,10 +233,149 @@ def test_unread_tower_is_a_config_error(tmp_path):
     theirs = _hf_model("vit", "bert")
     theirs.save_pretrained(tmp_path / "hf")
     cfg = (tmp_path / "hf" / "config.json")
-    import json
 
     data = json.loads(cfg.read_text())
     data["text_config"]["model_type"] = "electra"
     cfg.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="text_config.model_type"):
         splice.load(tmp_path / "hf")
+
+
+# -- warm start (transformers' from_vision_text_pretrained) ----------------------------------------------------
+
+
+def test_warm_start_from_pretrained_towers(tmp_path):
+    torch.manual_seed(0)
+    vit = perturb(transformers.AutoModel.from_config(transformers.AutoConfig.for_model(**_hf_config("encoder", "vit"))))
+    bert = perturb(transformers.AutoModel.from_config(
+        transformers.AutoConfig.for_model(**_hf_config("text_encoder", "bert"))), seed=1)
+    vit.save_pretrained(tmp_path / "vit")
+    bert.save_pretrained(tmp_path / "bert")
+    spec = {"kind": "dual-encoder", "vision": {"name": "vit", "pretrained": str(tmp_path / "vit")},
+            "text": {"name": "bert", "pretrained": str(tmp_path / "bert")}, "projection_dim": 16}
+    ours = splice.compose(spec).eval()
+    report = ours.loading_report
+    assert not report.missing
+    # new: the projections and logit_scale, as in transformers; and the ViT pooler, which splice's vision
+    # encoders do not hold (transformers reads it from the ViT checkpoint)
+    assert set(report.initialised) == {"vision_pooler.weight", "vision_pooler.bias", "visual_projection.weight",
+                                       "text_projection.weight", "logit_scale"}
+    theirs = transformers.VisionTextDualEncoderModel.from_vision_text_pretrained(
+        str(tmp_path / "vit"), str(tmp_path / "bert"), projection_dim=16).eval()
+    with torch.no_grad():  # the fresh parts taken from transformers: everything else came from the two folders
+        for name in ("visual_projection.weight", "text_projection.weight", "logit_scale"):
+            ours.state_dict()[name].copy_(theirs.state_dict()[name])
+        ours.vision_pooler.weight.copy_(theirs.vision_model.pooler.dense.weight)
+        ours.vision_pooler.bias.copy_(theirs.vision_model.pooler.dense.bias)
+    diffs = _compare(ours, theirs)
+    assert max(diffs.values()) < TOL, diffs
+
+
+# -- splice classify / splice embed -----------------------------------------------------------------------------
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "photo", "of", "cat", "dog", "car", "the"]
+
+
+def _tokenizer():
+    import tokenizers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.add_special_tokens(WORDS[:4])
+    return tok
+
+
+@pytest.fixture
+def dual_folder(tmp_path):
+    """A ViT + BERT VisionTextDualEncoder saved by transformers, with a word tokenizer and a ViT image processor,
+    and three 32x32 images (no resizing, so both sides see the same pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    theirs = _hf_model("vit", "bert")
+    folder = tmp_path / "clip"
+    theirs.save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    _tokenizer().save(str(folder / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images[-1])
+    return folder, [str(p) for p in images], theirs
+
+
+def _their_text(theirs, texts):
+    enc = _tokenizer().encode_batch(texts)
+    T = max(len(e.ids) for e in enc)
+    ids = torch.tensor([e.ids + [0] * (T - len(e.ids)) for e in enc])
+    mask = torch.tensor([[1] * len(e.ids) + [0] * (T - len(e.ids)) for e in enc])
+    return ids, mask
+
+
+def test_classify_matches_transformers(dual_folder, capsys):
+    from PIL import Image
+
+    from splice.cli import main
+
+    folder, images, theirs = dual_folder
+    assert main(["classify", str(folder), *images, "--labels", "cat, dog,car", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    prompts = [f"a photo of a {label}." for label in ("cat", "dog", "car")]
+    ids, mask = _their_text(theirs, prompts)
+    px = transformers.ViTImageProcessor.from_pretrained(folder)([Image.open(p) for p in images],
+                                                                return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        probs = theirs(pixel_values=px, input_ids=ids, attention_mask=mask).logits_per_image.softmax(-1)
+    for row, expected in zip(got, probs.tolist()):
+        assert row["error"] is None and list(row["scores"])[0] == row["label"]
+        assert max(abs(row["scores"][label] - p) for label, p in zip(("cat", "dog", "car"), expected)) < TOL
+    assert main(["classify", str(folder), images[0], "--labels", "cat,dog", "--template", "the {}"]) == 0
+    assert capsys.readouterr().out.startswith(images[0] + ": ")
+
+
+def test_embed_matches_transformers(dual_folder, tmp_path):
+    from PIL import Image
+    from safetensors import safe_open
+
+    from splice.cli import main
+
+    folder, images, theirs = dual_folder
+    texts = ["a cat", "the dog car"]
+    assert main(["embed", str(folder), "--texts", *texts, "--out", str(tmp_path / "t.safetensors")]) == 0
+    assert main(["embed", str(folder), "--images", *images, "--out", str(tmp_path / "i.safetensors")]) == 0
+    ids, mask = _their_text(theirs, texts)
+    px = transformers.ViTImageProcessor.from_pretrained(folder)([Image.open(p) for p in images],
+                                                                return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        want_t = theirs.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+        want_i = theirs.get_image_features(pixel_values=px).pooler_output
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        assert (f.get_tensor("text_embeds") - want_t).abs().max() < TOL
+        assert json.loads(f.metadata()["inputs"]) == texts
+    with safe_open(str(tmp_path / "i.safetensors"), "pt") as f:
+        assert (f.get_tensor("image_embeds") - want_i).abs().max() < TOL
+
+
+def test_classify_and_embed_refuse_bad_input(dual_folder, tmp_path, capsys):
+    from splice.cli import main
+
+    folder, images, _ = dual_folder
+    assert main(["classify", str(folder), images[0], "--labels", "cat", "--template", "no slot"]) == 1
+    assert "--template" in capsys.readouterr().err
+    assert main(["classify", str(folder), images[0], "--labels", " , "]) == 1
+    assert "--labels" in capsys.readouterr().err
+    assert main(["classify", str(folder), images[0], "--labels", "cat,cat"]) == 1
+    assert "more than once" in capsys.readouterr().err
+    assert main(["classify", str(folder), images[0], str(tmp_path / "missing.png"), "--labels", "cat,dog"]) == 1
+    assert "missing.png: error" in capsys.readouterr().out
+    assert main(["embed", str(folder), "--texts", "a", "--out", str(tmp_path)]) == 1
+    assert "--out" in capsys.readouterr().err
+    captioner = tmp_path / "captioner"
+    splice.compose({"encoder": {"name": "vit", "config": REGISTRY.get("encoder", "vit").tiny},
+                    "decoder": {"name": "gpt2", "config": REGISTRY.get("decoder", "gpt2").tiny}}
+                   ).save_pretrained(captioner)
+    assert main(["classify", str(captioner), images[0], "--labels", "cat,dog"]) == 1
+    assert "dual-encoder" in capsys.readouterr().err

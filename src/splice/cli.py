@@ -166,6 +166,18 @@ def _cmd_caption(args) -> int:
                    prompt=args.prompt)
 
 
+def _cmd_classify(args) -> int:
+    from splice.zero_shot import run_classify
+
+    return run_classify(args.model, args.images, labels=args.labels, template=args.template, as_json=args.json)
+
+
+def _cmd_embed(args) -> int:
+    from splice.zero_shot import run_embed
+
+    return run_embed(args.model, images=args.images, texts=args.texts, out=args.out)
+
+
 def _cmd_schema(args) -> int:
     import splice
 
@@ -275,6 +287,22 @@ def _parser() -> argparse.ArgumentParser:
                    "such as Donut's <s_cord-v2>, or the start of a caption); needs the model's tokenizer")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_caption)
+
+    p = sub.add_parser("classify", help="zero-shot scores of images for labels, with a dual-encoder model")
+    p.add_argument("model")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--labels", required=True, help='comma-separated class names, e.g. "cat,dog,car"')
+    p.add_argument("--template", default="a photo of a {}.", help="the prompt, {} standing for the label")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_classify)
+
+    p = sub.add_parser("embed", help="projected features of images or texts (a dual-encoder model) to safetensors")
+    p.add_argument("model")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", nargs="+")
+    what.add_argument("--texts", nargs="+")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.set_defaults(fn=_cmd_embed)
 
     p = sub.add_parser("schema", help="JSON Schema of the composition spec")
     p.add_argument("--kind", default=None, help="a composition kind (`splice list --kind kind`); default encoder-decoder")
