@@ -197,7 +197,7 @@ CASES = {
         hf_defaults=dict(encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=48, is_decoder=True,
                          add_cross_attention=True, dropout=0.0),
         perturb_seed=lambda seed: seed + 1, slots=False, norm=("post", 1e-5),
-        too_long="exceeds max_position_embeddings=64", expects_width="d_model=32",
+        too_long="exceeds max_position_embeddings=64", expects_width="expects 32",
         tied_missing=frozenset({"lm_head.weight"}), bad_shape=("model.decoder.layers.1.fc1.weight", (32, 64), (64, 32)),
         heads_error=(dict(d_model=32, decoder_attention_heads=5),
                      "decoder_attention_heads=5 does not divide d_model=32"),

@@ -112,7 +112,7 @@ def test_pre_norm_and_errors(causal_pair):
     assert all((s.norm, s.eps) == ("pre", 1e-5) for s in ours.layer_specs()) and ours.context_width == 32
     with pytest.raises(IncompatibleComponentsError, match="mBART's layers have their own cross-attention"):
         ours.install_cross_attention(1, torch.nn.Identity())
-    with pytest.raises(InputError, match=r"D_ctx=32.*given \(2, 3, 16\).*fix"):
+    with pytest.raises(InputError, match=r"context width 16 .*expects 32.*fix"):
         ours(torch.zeros(2, 3, dtype=torch.long), context=torch.zeros(2, 3, 16))
     default = M.MBartDecoder(**M.TINY)  # MBartConfig's defaults for what is left out
     assert len(default.layers) == 2 and default.token_ids["decoder_start"] is None

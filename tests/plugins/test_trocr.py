@@ -170,7 +170,7 @@ def test_compose_uses_context_width():
 
 def test_errors_name_field_and_fix():
     dec = T.build_trocr(T.TrOCRConfig(**T.TINY, cross_attention_hidden_size=48)).eval()
-    with pytest.raises(InputError, match=r"D_ctx=48.*given \(2, 5, 32\).*fix"):
+    with pytest.raises(InputError, match=r"context width 32 .*expects 48.*fix"):
         dec(torch.zeros(2, 3, dtype=torch.long), context=torch.zeros(2, 5, 32))
     with pytest.raises(IncompatibleComponentsError, match="TrOCR's layers have their own cross-attention"):
         dec.install_cross_attention(0, torch.nn.Identity())
@@ -197,3 +197,18 @@ def test_config_round_trip():
 
 def test_print_measured():
     print("\nmax abs differences:", {k: f"{v:.2e}" for k, v in sorted(MEASURED.items())})
+
+
+def test_export_refuses_a_projection_to_cross_attention_hidden_size(tmp_path):
+    """transformers' VisionEncoderDecoder requires cross_attention_hidden_size to equal the encoder's width; a
+    splice model that projects the encoder to it has no transformers equivalent."""
+    spec = {"encoder": {"name": "vit", "config": {"img_size": 16, "patch_size": 8, "embed_dim": 48, "depth": 1,
+                                                  "num_heads": 4}},
+            "decoder": {"name": "trocr", "config": {"vocab_size": 60, "d_model": 32, "decoder_layers": 1, "decoder_attention_heads": 4,
+                                                    "decoder_ffn_dim": 64, "max_position_embeddings": 32,
+                                                    "cross_attention_hidden_size": 40}},
+            "tokens": {"decoder_start": 2, "pad": 1, "eos": 2}}
+    model = splice.compose(spec, seed=0)
+    assert model.enc_to_dec_proj is not None and model.enc_to_dec_proj.out_features == 40
+    with pytest.raises(splice.CheckpointError, match="cross_attention_hidden_size 40"):
+        splice.export_transformers(model, tmp_path / "hf")

@@ -262,6 +262,10 @@ def export_ved(model, path) -> None:
         blockers.append(f"projection {proj!r} (transformers has only a Linear enc_to_dec_proj with bias)")
     if model.enc_to_dec_proj is not None and model.encoder.hidden_size == model.decoder.hidden_size:
         blockers.append("a projection between equal widths (transformers adds one only when the widths differ)")
+    context_width = getattr(model.decoder, "context_width", model.decoder.hidden_size)
+    if model.enc_to_dec_proj is not None and decoder_native and context_width != model.decoder.hidden_size:
+        blockers.append(f"a projection to the decoder's cross_attention_hidden_size {context_width} (transformers "
+                        "requires that size to equal the encoder's width, with no projection)")
     config: dict = {
         "model_type": VED_MODEL_TYPE,
         "architectures": ["VisionEncoderDecoderModel"],

@@ -372,11 +372,13 @@ class NativeDecoder(nn.Module):
         """The context against the installed cross-attention slots, or the decoder's own ``context_width``."""
         if self.native_cross_attention:
             width = getattr(self, "context_width", self.hidden_size)
-            if context.dim() != 3 or context.shape[0] != B or context.shape[-1] != width:
+            if context.dim() != 3 or context.shape[0] != B:
+                raise InputError(f"context must have shape (B={B}, N, D_ctx={width}); given {tuple(context.shape)}")
+            if context.shape[-1] != width:
                 raise InputError(
-                    f"context must have shape (B={B}, N, D_ctx={width}), the input of {self.family}'s own "
-                    f"cross-attention; given {tuple(context.shape)}; fix: pass the encoder's (B, N, D) tokens, "
-                    f"projected to {width} when the encoder is wider or narrower (projection: linear/auto)"
+                    f"context width {context.shape[-1]} does not match {self.family}'s own cross-attention, which "
+                    f"expects {width}; fix: pass the encoder's (B, N, D) tokens, projected to {width} when the "
+                    "encoder is wider or narrower (projection: linear/auto)"
                 )
             return
         if all(layer.crossattention is None for layer in self.layers):
