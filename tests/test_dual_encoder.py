@@ -379,3 +379,39 @@ def test_classify_and_embed_refuse_bad_input(dual_folder, tmp_path, capsys):
                    ).save_pretrained(captioner)
     assert main(["classify", str(captioner), images[0], "--labels", "cat,dog"]) == 1
     assert "dual-encoder" in capsys.readouterr().err
+
+
+# -- hostile input: every refusal a SpliceError naming the field ------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [
+    ("projection_dim", True), ("projection_dim", "12"), ("projection_dim", 0), ("projection_dim", 10**30),
+    ("logit_scale_init", math.nan), ("logit_scale_init", math.inf), ("logit_scale_init", True),
+    ("logit_bias_init", math.nan), ("freeze", ["encoder"]), ("loss", None), ("vision", {"name": "bert"}),
+    ("text", {"name": "vit"}), ("text", {"name": "bert", "config": {"hidden_size": 10**9}}), ("vision", None),
+])
+def test_hostile_spec_values_are_refused_by_name(field, value):
+    with pytest.raises(SpliceError) as info:
+        splice.compose({**_tiny_spec(), field: value})
+    assert field in str(info.value) and "fix" in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["channels", "float ids", "mask shape", "3-D ids", "type range", "type shape",
+                                  "pixels not a tensor", "no tokens", "mask not a tensor", "too long"])
+def test_hostile_inputs_are_input_errors(case):
+    model = splice.compose(_tiny_spec()).eval()
+    px, ids, mask = _inputs(model, 2, 2)
+    call = {
+        "channels": lambda: model(pixel_values=px[:, :2], input_ids=ids),
+        "float ids": lambda: model(pixel_values=px, input_ids=ids.float()),
+        "mask shape": lambda: model(pixel_values=px, input_ids=ids, attention_mask=mask[:, :3]),
+        "3-D ids": lambda: model(pixel_values=px, input_ids=ids[None]),
+        "type range": lambda: model(pixel_values=px, input_ids=ids, token_type_ids=ids),
+        "type shape": lambda: model(pixel_values=px, input_ids=ids, token_type_ids=ids[:, :2]),
+        "pixels not a tensor": lambda: model(pixel_values="x", input_ids=ids),
+        "no tokens": lambda: model.get_text_features(torch.zeros(2, 0, dtype=torch.long)),
+        "mask not a tensor": lambda: model(pixel_values=px, input_ids=ids, attention_mask="x"),
+        "too long": lambda: model(pixel_values=px, input_ids=torch.full((2, 600), 3)),
+    }[case]
+    with pytest.raises(InputError, match="fix"):
+        call()

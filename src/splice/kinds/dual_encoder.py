@@ -61,10 +61,10 @@ class DualEncoderSpec(BaseModel):
     kind: Literal["dual-encoder"]
     vision: ComponentSpec = Field(description="a registered vision encoder (`splice list --kind encoder`)")
     text: ComponentSpec = Field(description="a registered text encoder (`splice list --kind text_encoder`)")
-    projection_dim: int = Field(512, ge=1, le=65536, description="width of the shared space")
-    logit_scale_init: float = Field(2.6592, ge=-20.0, le=20.0, description="the initial log temperature "
+    projection_dim: int = Field(512, strict=True, ge=1, le=65536, description="width of the shared space")
+    logit_scale_init: float = Field(2.6592, strict=True, ge=-20.0, le=20.0, description="the initial log temperature "
                                     "(log(1/0.07), as transformers; SigLIP uses log(10) = 2.3026)")
-    logit_bias_init: float = Field(-10.0, ge=-100.0, le=100.0, description="loss: siglip only: the initial bias "
+    logit_bias_init: float = Field(-10.0, strict=True, ge=-100.0, le=100.0, description="loss: siglip only: the initial bias "
                                    "added to every logit (SigLIP: -10)")
     loss: Literal["clip", "siglip"] = Field("clip", description="clip: symmetric cross-entropy (transformers' "
                                             "clip_loss) | siglip: pairwise sigmoid with a learned bias")
@@ -204,15 +204,17 @@ def validate(spec: DualEncoderSpec, source: str | None = None) -> Plan:
     if model is None:
         return plan
     vision.params, text.params = count_params(model.vision), count_params(model.text)
-    total = count_params(model)
+    total, pooler = count_params(model), count_params(model.vision_pooler)
     plan.params = {"total": total, "vision": vision.params, "text": text.params,
-                   "projections": total - vision.params - text.params,
+                   **({"vision pooler": pooler} if pooler else {}),
+                   "projections": total - vision.params - text.params - pooler,
                    "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
     plan.lines += [f"image vector: {POOLING_LINES[model.pooling]}",
                    f"projections  vision {vision.width} -> {spec.projection_dim}, text {text.width} -> "
                    f"{spec.projection_dim} (no bias)",
                    f"loss         {spec.loss}, logit_scale init {spec.logit_scale_init} "
-                   f"(temperature {math.exp(-spec.logit_scale_init):.4g})"]
+                   f"(temperature {math.exp(-spec.logit_scale_init):.4g})"
+                   + (f", logit_bias init {spec.logit_bias_init}" if spec.loss == "siglip" else "")]
     plan.meta_model = model
     return plan
 

@@ -313,6 +313,19 @@ class BertTextEncoder(nn.Module):
         return TextEncoderOutput(last_hidden_state=x, pooler_output=self.pooler(x),
                                  hidden_states=tuple(seen) if output_hidden_states else None)
 
+    def _check_types(self, token_type_ids: Any, shape: tuple[int, ...]) -> None:
+        want = f"an integer tensor of shape {shape} with types in [0, {self.type_vocab_size - 1}]"
+        if not isinstance(token_type_ids, Tensor) or token_type_ids.is_floating_point() or \
+                tuple(token_type_ids.shape) != shape:
+            raise input_error("token_type_ids", "is not an integer tensor shaped like input_ids",
+                              given=tuple(token_type_ids.shape) if isinstance(token_type_ids, Tensor) else
+                              type(token_type_ids).__name__, expected=want, fix="pass one token type per input id")
+        if token_type_ids.numel() and not token_type_ids.is_meta:
+            lo, hi = (int(t) for t in torch.aminmax(token_type_ids))
+            if lo < 0 or hi >= self.type_vocab_size:
+                raise input_error("token_type_ids", f"holds types from {lo} to {hi}", expected=want,
+                                  fix=f"use types below type_vocab_size={self.type_vocab_size} (0 for a single text)")
+
     def _checked(self, input_ids: Tensor, attention_mask: Tensor | None,
                  token_type_ids: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The ids, and the SDPA mask (B, 1, 1, T), True = attend; a wrong input is an ``InputError``."""
@@ -320,11 +333,11 @@ class BertTextEncoder(nn.Module):
         B = input_ids.shape[0] if isinstance(input_ids, Tensor) and input_ids.dim() else 0
         input_ids, _ = check_token_ids("input_ids", input_ids, B, self.vocab_size, home, max_len=self.max_positions)
         shape = tuple(input_ids.shape)
+        if shape[1] == 0:
+            raise input_error("input_ids", "holds no tokens", given=shape, expected="(B, T) with T >= 1",
+                              fix="give every text at least one token (the tokenizer adds [CLS] / <s>)")
         if token_type_ids is not None:
-            check_token_ids("token_type_ids", token_type_ids, B, self.type_vocab_size, home)
-            if tuple(token_type_ids.shape) != shape:
-                raise input_error("token_type_ids", "is not shaped like input_ids", given=tuple(token_type_ids.shape),
-                                  expected=f"{shape}, one type per token", fix="pass one token type per input id")
+            self._check_types(token_type_ids, shape)
         if attention_mask is None:
             return input_ids, None
         if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != shape:
