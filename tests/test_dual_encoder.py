@@ -43,9 +43,9 @@ def _tiny_spec(vision: str = "vit", text: str = "bert", **extra) -> dict:
     return {"kind": "dual-encoder", **parts, "projection_dim": 16, **extra}
 
 
-def _hf_model(vision: str, text: str, seed: int = 0) -> transformers.VisionTextDualEncoderModel:
+def _hf_model(vision: str, text: str, seed: int = 0, **vision_overrides) -> transformers.VisionTextDualEncoderModel:
     torch.manual_seed(seed)
-    cfg = transformers.VisionTextDualEncoderConfig(vision_config=_hf_config("encoder", vision),
+    cfg = transformers.VisionTextDualEncoderConfig(vision_config={**_hf_config("encoder", vision), **vision_overrides},
                                                    text_config=_hf_config("text_encoder", text), projection_dim=16)
     return perturb(transformers.VisionTextDualEncoderModel(config=cfg), seed)
 
@@ -227,6 +227,14 @@ def test_transformers_folder_parity_and_export(tmp_path, vision, text):
     assert max(diffs.values()) < TOL, diffs
     reloaded = splice.load(tmp_path / "out")
     assert _compare(reloaded, theirs)["logits_per_image"] < TOL
+
+
+def test_beit_class_token_pooling_matches_transformers(tmp_path):
+    theirs = _hf_model("beit", "bert", use_mean_pooling=False)  # BeitPooler: the (normed) class token
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = splice.load(tmp_path / "hf")
+    diffs = _compare(ours, theirs)
+    assert max(diffs.values()) < TOL, diffs
 
 
 def test_unread_tower_is_a_config_error(tmp_path):
@@ -415,3 +423,11 @@ def test_hostile_inputs_are_input_errors(case):
     }[case]
     with pytest.raises(InputError, match="fix"):
         call()
+
+
+@pytest.mark.parametrize("key,value", [("pooler_act", "relu"), ("pooler_output_size", 8)])
+def test_a_vit_pooler_splice_lacks_is_refused_by_name(tmp_path, key, value):
+    theirs = _hf_model("vit", "bert", **{key: value})
+    theirs.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ConfigError, match=f"vision_config.{key}"):
+        splice.load(tmp_path / "hf")
