@@ -227,6 +227,8 @@ def test_transformers_folder_parity_and_export(tmp_path, vision, text):
     assert max(diffs.values()) < TOL, diffs
     reloaded = splice.load(tmp_path / "out")
     assert _compare(reloaded, theirs)["logits_per_image"] < TOL
+    assert ours.image_processor is not None  # no preprocessor_config.json in the folder: the encoder's preprocessing
+    assert (tmp_path / "out" / "preprocessor_config.json").exists()
 
 
 def test_beit_class_token_pooling_matches_transformers(tmp_path):

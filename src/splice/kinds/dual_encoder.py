@@ -115,7 +115,17 @@ class DualEncoderModel(ComposedModel):
                 nn.init.normal_(linear.weight, std=0.02)  # transformers' init (initializer_range 0.02)
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
-        self.image_processor = ImageProcessor.from_preprocessing(vision.preprocessing)
+
+    @property
+    def image_processor(self) -> ImageProcessor | None:
+        """The processor saved or loaded with the model, else one from the vision encoder's preprocessing (the
+        vision tower is named ``vision``, so ``ComposedModel``'s ``encoder`` rule does not find it)."""
+        given = self.__dict__.get("_image_processor")
+        return given if given is not None else ImageProcessor.from_preprocessing(self.vision.preprocessing)
+
+    @image_processor.setter
+    def image_processor(self, value: ImageProcessor | None) -> None:
+        self.__dict__["_image_processor"] = value
 
     def freeze_groups(self) -> dict[str, list[nn.Parameter]]:
         pooler = list(self.vision_pooler.parameters()) if self.vision_pooler is not None else []
