@@ -128,9 +128,9 @@ def _tower(source: str, part, group: Mapping, hf_config: dict, prefix: str) -> t
     try:
         mapped, left, notes = map_from_hf(part.entry.hf, group, hf_config)
     except CheckpointError as exc:
-        text = str(exc)
-        raise CheckpointError(f"{source} ({prefix}): {text if len(text) <= 1500 else text[:1000] + ' ... ' + text[-400:]}"
-                              ) from None
+        text = str(exc)  # clipped in the middle, where a tensor name from the file may be long; the fix stays
+        text = text if len(text) <= 1500 else text[:1000] + " ... " + text[-400:]
+        raise CheckpointError(f"{source} ({prefix}): {text}") from None
     except Exception as exc:  # noqa: BLE001 - a plugin's mapping that did not expect these tensors
         raise CheckpointError(f"{source}: the {prefix} tensors cannot be read as {part.entry.name!r} weights "
                               f"({type(exc).__name__}: {short(str(exc), 200)})\n    fix: check that config.json and "
@@ -144,7 +144,8 @@ def _tower(source: str, part, group: Mapping, hf_config: dict, prefix: str) -> t
 def _export_blockers(model, entries: dict) -> list[str]:
     blockers = []
     if getattr(model, "logit_bias", None) is not None:
-        blockers.append("loss: siglip (its logit_bias has no place in VisionTextDualEncoderModel, whose loss is CLIP's)")
+        blockers.append("loss: siglip (its logit_bias has no place in VisionTextDualEncoderModel, whose loss is "
+                        "CLIP's)")
     if model.pooling == "mean" and model.spec["vision"]["name"] not in ("swin", "donut_swin"):
         blockers.append(f"vision {model.spec['vision']['name']!r} pooled by the mean of its tokens (transformers' "
                         "vision models pool their own way)")
