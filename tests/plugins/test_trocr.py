@@ -63,13 +63,13 @@ def from_pretrained(folder):
 
 
 @torch.no_grad()
-def assert_folder_parity(hf, folder, name: str, ids=None) -> splice.EncoderDecoderModel:
+def assert_folder_parity(hf, folder, name: str, ids=None, size=(32, 32)) -> splice.EncoderDecoderModel:
     """splice.load(folder) against the oracle: logits, greedy and 3-beam tokens, and the export read back."""
     ours = splice.load(folder)
     report = ours.loading_report
     assert not report.missing and not report.unexpected, report
     g = torch.Generator().manual_seed(1)
-    px = torch.randn(2, 3, 32, 32, generator=g)
+    px = torch.randn(2, 3, *size, generator=g)
     ids = torch.randint(3, VOCAB, (2, 7), generator=g) if ids is None else ids
     ref = hf(pixel_values=px, decoder_input_ids=ids).logits
     got = ours(pixel_values=px, decoder_input_ids=ids).logits
