@@ -11,15 +11,14 @@ model's attributes only, so it does not import the kind (``splice.kinds.dual_enc
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from splice.core.checkpoint import LazyTensors, field_error, map_from_hf
+from splice.core.checkpoint import LazyTensors, field_error
 from splice.core.errors import CheckpointError, ConfigError, Problem, short
 from splice.core.files import write_folder
 from splice.core.plugins import get_registry
-from splice.core.transformers_format import part_config_from_hf
+from splice.core.transformers_format import map_part, part_config_from_hf
 
 MODEL_TYPE = "vision-text-dual-encoder"
 ARCHITECTURE = "VisionTextDualEncoderModel"
@@ -116,29 +115,10 @@ def split_dual_state(source: str, tensors, plan, config: dict) -> tuple[dict, li
         if role == "vision" and pooled:
             state.update({ours: group[hf] for hf, ours in POOLER.items() if hf in group})
             group = _Without(group, set(POOLER))
-        mapped, known, other, tower_notes = _tower(source, part, group, config[key], prefix)
+        mapped, known, other, tower_notes = map_part(source, part, group, config[key], prefix)
         state.update({f"{role}.{k}": v for k, v in mapped.items()})
         unused, unexpected, notes = unused + known, unexpected + other, notes + [f"{role}: {n}" for n in tower_notes]
     return state, unused, unexpected, notes
-
-
-def _tower(source: str, part, group: Mapping, hf_config: dict, prefix: str) -> tuple[dict, list, list, list]:
-    """One tower's tensors through its plugin's ``HFInterop``: (mapped, expected extras, unexpected, notes), the
-    extras named as in the file; a failure names the file and the tower."""
-    try:
-        mapped, left, notes = map_from_hf(part.entry.hf, group, hf_config)
-    except CheckpointError as exc:
-        text = str(exc)  # clipped in the middle, where a tensor name from the file may be long; the fix stays
-        text = text if len(text) <= 1500 else text[:1000] + " ... " + text[-400:]
-        raise CheckpointError(f"{source} ({prefix}): {text}") from None
-    except Exception as exc:  # noqa: BLE001 - a plugin's mapping that did not expect these tensors
-        raise CheckpointError(f"{source}: the {prefix} tensors cannot be read as {part.entry.name!r} weights "
-                              f"({type(exc).__name__}: {short(str(exc), 200)})\n    fix: check that config.json and "
-                              "the weights belong together, or download the folder again") from None
-    ignorable = [re.compile(p) for p in getattr(part.entry.hf, "ignorable", ())]
-    extra = {k: any(p.fullmatch(k) for p in ignorable) for k in left}
-    return (mapped, [f"{prefix}.{k}" for k, ok in extra.items() if ok],
-            [f"{prefix}.{k}" for k, ok in extra.items() if not ok], notes)
 
 
 def _export_blockers(model, entries: dict) -> list[str]:

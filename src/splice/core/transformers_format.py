@@ -215,37 +215,37 @@ def split_state(source: str, tensors, plan, config: dict) -> tuple[dict, list[st
             group = tensors.with_prefix(f"{role}.")
         else:
             group = {k[len(role) + 1:]: v for k, v in tensors.items() if k.startswith(f"{role}.")}
-        try:
-            mapped, role_unused, role_notes = map_from_hf(part.entry.hf, group, config[role])
-        except CheckpointError as exc:  # the plugin's own message, placed in the file
-            text = str(exc)  # clipped in the middle, where a tensor name from the file may be long; the fix stays
-            text = text if len(text) <= 1500 else text[:1000] + " ... " + text[-400:]
-            raise CheckpointError(f"{source} ({role}): {text}") from None
-        except Exception as exc:  # noqa: BLE001 - a plugin's mapping that did not expect these tensors
-            raise CheckpointError(f"{source}: the {role}'s tensors cannot be read as {part.entry.name!r} weights "
-                                  f"({type(exc).__name__}: {short(str(exc), 200)})\n    fix: check that config.json "
-                                  "and the weights belong together, or download the folder again") from None
+        mapped, known, other, role_notes = map_part(source, part, group, config[role], role)
         notes.extend(f"{role}: {n}" for n in role_notes)
         state.update({f"{role}.{k}": v for k, v in mapped.items()})
-        expected_unused = [re.compile(p) for p in getattr(part.entry.hf, "ignorable", ())]
-        for k in role_unused:
-            (unused if any(p.fullmatch(k) for p in expected_unused) else unexpected).append(f"{role}.{k}")
+        unused.extend(known)
+        unexpected.extend(other)
     return state, unused, unexpected, notes
 
 
-def export_ved(model, path) -> None:
-    """Write a folder that transformers' ``VisionEncoderDecoderModel.from_pretrained`` loads with the same logits.
+def map_part(source: str, part, group, hf_config: dict, prefix: str) -> tuple[dict, list, list, list]:
+    """One part's tensors (``prefix`` removed) through its plugin's ``HFInterop``: (mapped, expected extras,
+    unexpected, notes), the extras and unexpected named with ``prefix`` as in the file; a failure of the plugin's
+    mapping is a ``CheckpointError`` naming the file and the part. Every kind's format maps its parts with it."""
+    try:
+        mapped, left, notes = map_from_hf(part.entry.hf, group, hf_config)
+    except CheckpointError as exc:  # the plugin's own message, placed in the file
+        text = str(exc)  # clipped in the middle, where a tensor name from the file may be long; the fix stays
+        text = text if len(text) <= 1500 else text[:1000] + " ... " + text[-400:]
+        raise CheckpointError(f"{source} ({prefix}): {text}") from None
+    except Exception as exc:  # noqa: BLE001 - a plugin's mapping that did not expect these tensors
+        raise CheckpointError(f"{source}: the {prefix} tensors cannot be read as {part.entry.name!r} weights "
+                              f"({type(exc).__name__}: {short(str(exc), 200)})\n    fix: check that config.json and "
+                              "the weights belong together, or download the folder again") from None
+    ignorable = [re.compile(p) for p in getattr(part.entry.hf, "ignorable", ())]
+    extra = {k: any(p.fullmatch(k) for p in ignorable) for k in left}
+    return (mapped, [f"{prefix}.{k}" for k, ok in extra.items() if ok],
+            [f"{prefix}.{k}" for k, ok in extra.items() if not ok], notes)
 
-    Only what transformers can express is exported: the standard cross-attention in every decoder layer, and a
-    Linear projection (or none). Anything else raises ``CheckpointError`` naming what stands in the way.
-    """
-    from safetensors.torch import save_file
 
-    from splice.core.processing import processor_for
-
-    spec = model.spec
-    registry = get_registry()
-    blockers = []
+def _export_blockers(model, spec: dict) -> list[str]:
+    """What in ``model`` transformers' VisionEncoderDecoder layout cannot express (the components aside)."""
+    blockers: list[str] = []
     ca = spec.get("cross_attention", {})
     decoder_native = getattr(model.decoder, "native_cross_attention", False)
     if not decoder_native and (ca.get("kind") != "standard" or ca.get("layers") != "all"):
@@ -266,6 +266,22 @@ def export_ved(model, path) -> None:
     if model.enc_to_dec_proj is not None and decoder_native and context_width != model.decoder.hidden_size:
         blockers.append(f"a projection to the decoder's cross_attention_hidden_size {context_width} (transformers "
                         "requires that size to equal the encoder's width, with no projection)")
+    return blockers
+
+
+def export_ved(model, path) -> None:
+    """Write a folder that transformers' ``VisionEncoderDecoderModel.from_pretrained`` loads with the same logits.
+
+    Only what transformers can express is exported: the standard cross-attention in every decoder layer, and a
+    Linear projection (or none). Anything else raises ``CheckpointError`` naming what stands in the way.
+    """
+    from safetensors.torch import save_file
+
+    from splice.core.processing import processor_for
+
+    spec = model.spec
+    registry = get_registry()
+    blockers = _export_blockers(model, spec)
     config: dict = {
         "model_type": VED_MODEL_TYPE,
         "architectures": ["VisionEncoderDecoderModel"],
