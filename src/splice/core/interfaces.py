@@ -19,6 +19,9 @@ from torch import Tensor, nn
 class EncoderOutput:
     last_hidden_state: Tensor  # (B, N, D)
     hidden_states: tuple[Tensor, ...] | None = None
+    # (B, D): the image as one vector, for an encoder whose family defines one (CLIP's post-layernormed class
+    # token); None: the kind pools the tokens itself
+    pooler_output: Tensor | None = None
 
 
 @dataclass(frozen=True)
