@@ -45,6 +45,7 @@ ENTRY_POINT_GROUP = "splice"
 BUILTIN_PLUGINS = (
     "splice.plugins.timm_vision",
     "splice.plugins.donut_swin",
+    "splice.plugins.clip_vision",
     "splice.plugins.gpt2",
     "splice.plugins.bert",
     "splice.plugins.roberta",
