@@ -52,6 +52,7 @@ BUILTIN_PLUGINS = (
     "splice.plugins.bart",
     "splice.plugins.trocr",
     "splice.plugins.mbart",
+    "splice.plugins.llama",
     "splice.adapters.cross_attention",
     "splice.adapters.projection",
     "splice.kinds.encoder_decoder",
