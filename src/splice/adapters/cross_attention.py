@@ -2,7 +2,8 @@
 
 ``standard``  multi-head cross-attention in the decoder family's own layout: pre-norm (GPT2:
               ``x + o_proj(attn(q_proj(norm(x)), k, v))``) or post-norm (BERT: ``norm(x + o_proj(attn(...)))``),
-              chosen by the layer's ``LayerSpec.norm``, so transformers checkpoints map onto it.
+              chosen by the layer's ``LayerSpec.norm``, so transformers checkpoints map onto it; the norm is a
+              LayerNorm, or an RMSNorm (no bias) for a family that uses those (``LayerSpec.norm_kind``, LLaMA).
 ``gated``     Flamingo-style: always pre-norm, and the output is scaled by ``tanh(gate)`` with a scalar ``gate``
               initialised to 0, so a pretrained decoder's output is exactly unchanged at step 0.
 
@@ -88,6 +89,7 @@ class StandardCrossAttention(nn.Module):
         eps: float = 1e-5,
         bias: bool = True,
         dropout: float = 0.0,
+        norm_kind: Literal["layer", "rms"] = "layer",
     ):
         super().__init__()
         if width % heads:
@@ -98,7 +100,9 @@ class StandardCrossAttention(nn.Module):
         self.context_width = context_width  # the decoder checks context.shape[-1] against this
         self.norm_position = norm
         self.dropout_p = dropout
-        self.norm = nn.LayerNorm(width, eps=eps)
+        if norm_kind not in ("layer", "rms"):
+            raise ValueError(f"norm_kind must be 'layer' or 'rms', got {norm_kind!r}")
+        self.norm = nn.LayerNorm(width, eps=eps) if norm_kind == "layer" else nn.RMSNorm(width, eps=eps)
         self.q_proj = Linear(width, width, bias=bias)
         self.k_proj = Linear(context_width, width, bias=bias)
         self.v_proj = Linear(context_width, width, bias=bias)
@@ -109,11 +113,11 @@ class StandardCrossAttention(nn.Module):
     def from_spec(cls, spec: LayerSpec, context_width: int, **kwargs) -> "StandardCrossAttention":
         return cls(
             spec.width, spec.heads, context_width, norm=spec.norm, eps=spec.eps, bias=spec.bias,
-            dropout=spec.dropout, **kwargs,
+            dropout=spec.dropout, norm_kind=getattr(spec, "norm_kind", "layer"), **kwargs,
         )
 
     def reset_parameters(self) -> None:
-        # the GPT2/BERT convention: N(0, 0.02) weights, zero biases, identity LayerNorm
+        # the GPT2/BERT convention: N(0, 0.02) weights, zero biases, identity norm
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             nn.init.normal_(lin.weight, std=0.02)
             if lin.bias is not None:
@@ -186,14 +190,17 @@ class GatedCrossAttention(StandardCrossAttention):
         bias: bool = True,
         dropout: float = 0.0,
         init_gate: float = 0.0,
+        norm_kind: Literal["layer", "rms"] = "layer",
     ):
-        super().__init__(width, heads, context_width, norm="pre", eps=eps, bias=bias, dropout=dropout)
+        super().__init__(width, heads, context_width, norm="pre", eps=eps, bias=bias, dropout=dropout,
+                         norm_kind=norm_kind)
         self.gate = nn.Parameter(torch.tensor(float(init_gate)))  # () scalar
 
     @classmethod
     def from_spec(cls, spec: LayerSpec, context_width: int, **kwargs) -> "GatedCrossAttention":
         # always pre-norm whatever the family does: the gate must see the un-normalised residual stream
-        return cls(spec.width, spec.heads, context_width, eps=spec.eps, bias=spec.bias, dropout=spec.dropout, **kwargs)
+        return cls(spec.width, spec.heads, context_width, eps=spec.eps, bias=spec.bias, dropout=spec.dropout,
+                   norm_kind=getattr(spec, "norm_kind", "layer"), **kwargs)
 
     def _branch(self, y: Tensor) -> Tensor:
         return torch.tanh(self.gate) * y  # (B, T, D); forward is the standard kind's pre-norm path

@@ -57,6 +57,8 @@ class LayerSpec:
     eps: float
     bias: bool = True
     dropout: float = 0.0
+    # the family's norm: LayerNorm (GPT2, BERT, BART) or RMSNorm (LLaMA); an adapter normalises as the layer does
+    norm_kind: Literal["layer", "rms"] = "layer"
 
 
 @dataclass
