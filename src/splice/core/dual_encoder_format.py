@@ -4,8 +4,10 @@ transformers: the ``dual-encoder`` kind's layout.
 On disk: ``vision_model.*`` (the vision model with its pooler), ``text_model.*`` (BertModel / RobertaModel, pooler
 included), ``visual_projection.weight``, ``text_projection.weight`` and ``logit_scale``. Each tower's tensors go
 through its plugin's ``HFInterop``; the ViT/DeiT pooler (``vision_model.pooler.dense``) fills the model's
-``vision_pooler``, and the projections and ``logit_scale`` are copied as they are. This module reads the planned
-model's attributes only, so it does not import the kind (``splice.kinds.dual_encoder``).
+``vision_pooler``, and the projections and ``logit_scale`` are copied as they are. A CLIP vision tower
+(``clip_vision_model``: transformers builds a ``CLIPVisionModel`` for it) keeps its ``post_layernorm`` inside the
+encoder, whose ``pooler_output`` is the image vector, as transformers' ``vision_outputs[1]``. This module reads the
+planned model's attributes only, so it does not import the kind (``splice.kinds.dual_encoder``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ ARCHITECTURE = "VisionTextDualEncoderModel"
 EXPORT_FILES = frozenset({"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"})
 TOWERS = (("vision", "vision_model", "vision_config", "encoder"), ("text", "text_model", "text_config", "text_encoder"))
 POOLER = {"pooler.dense.weight": "vision_pooler.weight", "pooler.dense.bias": "vision_pooler.bias"}
+# the kind's pooling rules that are transformers' ``pooler_output`` only for some vision families: the mean of the
+# tokens (Swin's), and the encoder's own ``pooler_output`` (CLIP's post-layernormed class token). The kind's other
+# rules (ViT/DeiT's dense pooler, BEiT's head) are each their family's own.
+SAME_POOLING = {"mean": ("swin", "donut_swin"), "own": ("clip_vision",)}
+POOLING_WORDS = {"mean": "the mean of its tokens", "own": "its own pooler_output"}
 
 
 def spec_from_dual_config(config: dict, source: str = "config.json") -> tuple[dict, dict]:
@@ -126,9 +133,10 @@ def _export_blockers(model, entries: dict) -> list[str]:
     if getattr(model, "logit_bias", None) is not None:
         blockers.append("loss: siglip (its logit_bias has no place in VisionTextDualEncoderModel, whose loss is "
                         "CLIP's)")
-    if model.pooling == "mean" and model.spec["vision"]["name"] not in ("swin", "donut_swin"):
-        blockers.append(f"vision {model.spec['vision']['name']!r} pooled by the mean of its tokens (transformers' "
-                        "vision models pool their own way)")
+    vision = model.spec["vision"]["name"]
+    if model.pooling in SAME_POOLING and vision not in SAME_POOLING[model.pooling]:
+        blockers.append(f"vision {vision!r} pooled by {POOLING_WORDS[model.pooling]} (transformers' vision model "
+                        "of that family pools its own way)")
     for role, entry in entries.items():
         if entry.hf is None or entry.hf.config_to_hf is None or entry.hf.state_dict_to_hf is None:
             blockers.append(f"{role} {entry.name!r} has no transformers counterpart")
