@@ -120,7 +120,7 @@ class LlamaConfig(DecoderConfig):
     hidden_size: Width = Field(4096, description="hidden width D")
     intermediate_size: FFNWidth = Field(11008, description="SwiGLU width I")
     num_hidden_layers: Layers = 32
-    num_attention_heads: Heads = 32
+    num_attention_heads: Heads = Field(32, description="query heads H")
     num_key_value_heads: Heads | None = Field(None, description="K/V heads (grouped-query); None: one per query head")
     head_dim: HeadDim | None = Field(None, description="per-head width; None: hidden_size // num_attention_heads")
     hidden_act: Activation = "silu"
@@ -149,7 +149,8 @@ class LlamaConfig(DecoderConfig):
         head_dim = self.head_dim or self.hidden_size // heads
         if head_dim % 2:
             raise ValueError(f"head_dim={head_dim} is odd; expected an even head size (rotary positions turn pairs "
-                             "of dimensions); fix: set head_dim, or hidden_size / num_attention_heads, to an even number")
+                             "of dimensions); fix: set head_dim, or hidden_size / num_attention_heads, to an even "
+                             "number")
         if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
             raise ValueError(f"pad_token_id={self.pad_token_id} is outside the vocabulary (vocab_size="
                              f"{self.vocab_size}); expected an id < vocab_size; fix: correct it or set it to null")
@@ -287,11 +288,17 @@ class LlamaDecoderLayer(nn.Module):
                 context: Tensor | None, context_mask: Tensor | None, cache: Any) -> Tensor:
         """``x`` (B, T, D); ``rope`` the (cos, sin) of the positions; the mask as ``NativeDecoder`` describes it."""
         x = x + self.self_attn(self.input_layernorm(x), *rope, mask, is_causal, cache)  # (B, T, D)
-        if self.crossattention is not None:
-            kv = context_kv(self.crossattention, context, cache, self.index)  # each (B, nh, N, hs) or None
-            if kv is not None or context is not None:
-                x = self.crossattention(x, context=context, context_mask=context_mask, kv=kv)  # (B, T, D)
+        x = self.cross_attend(x, context, context_mask, cache)  # (B, T, D)
         return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, D)
+
+    def cross_attend(self, x: Tensor, context: Tensor | None, context_mask: Tensor | None, cache: Any) -> Tensor:
+        """The slot's module, when an adapter filled it and there is a context (given, or kept in the cache)."""
+        if self.crossattention is None:
+            return x
+        kv = context_kv(self.crossattention, context, cache, self.index)  # each (B, nh, N, hs) or None
+        if kv is None and context is None:
+            return x
+        return self.crossattention(x, context=context, context_mask=context_mask, kv=kv)  # (B, T, D)
 
 
 # ---- model ------------------------------------------------------------------------------------------------
@@ -497,7 +504,8 @@ def config_to_hf(values: dict) -> dict:
 def _sizes(hf: dict) -> dict[str, Any]:
     """The config values that shape the tensors, transformers' defaults where the config leaves one out."""
     D, H = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
-    return dict(vocab_size=hf.get("vocab_size", 32000), hidden_size=D, intermediate_size=hf.get("intermediate_size", 11008),
+    return dict(vocab_size=hf.get("vocab_size", 32000), hidden_size=D,
+                intermediate_size=hf.get("intermediate_size", 11008),
                 num_attention_heads=H, num_key_value_heads=hf.get("num_key_value_heads") or H,
                 head_dim=hf.get("head_dim") or D // H, num_hidden_layers=hf.get("num_hidden_layers", 32))
 
@@ -531,9 +539,7 @@ def state_dict_from_hf(sd: dict[str, Tensor], hf_config: dict) -> tuple[dict[str
     tied = hf_config.get("tie_word_embeddings", False)
 
     def name_of(key: str) -> str:
-        if key == _HEAD:
-            return DUPLICATE if tied else key
-        return key.removeprefix("model.")
+        return (DUPLICATE if tied else key) if key == _HEAD else key.removeprefix("model.")
 
     return from_hf(sd, _table(hf_config), name_of, str(_sizes(hf_config)))
 
@@ -554,10 +560,10 @@ HF = HFInterop(
 )
 
 
+DESCRIPTION = ("LLaMA (Meta; also TinyLlama, Vicuna, LLaVA's LM): RMSNorm, rotary positions with scaling, "
+               "grouped-query attention, SwiGLU; cross-attention through adapters")
+
+
 @hookimpl
 def register_decoders(register):
-    register(
-        "llama", build_llama, LlamaConfig, tiny=dict(TINY), hf=HF,
-        description="LLaMA (Meta; also TinyLlama, Vicuna, LLaVA's LM): RMSNorm, rotary positions with scaling, "
-        "grouped-query attention, SwiGLU; cross-attention through adapters",
-    )
+    register("llama", build_llama, LlamaConfig, tiny=dict(TINY), hf=HF, description=DESCRIPTION)
