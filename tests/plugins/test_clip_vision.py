@@ -240,12 +240,14 @@ def test_a_checkpoint_of_another_shape_is_refused_by_name():
         cv.HF.state_dict_from_hf(sd, hf_json)
 
 
-def test_bad_pixel_values():
-    enc = cv.build_clip_vision(cv.ClipVisionConfig(**cv.TINY)).eval()
-    with pytest.raises(InputError, match="32x32"):
-        enc(torch.randn(1, 3, 32, 40))
-    with pytest.raises(InputError, match="channel"):
-        enc(torch.randn(1, 1, 32, 32))
+@pytest.mark.parametrize("pixels,says", [
+    (torch.randn(1, 3, 32, 40), "32x32"), (torch.randn(1, 1, 32, 32), "channel"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.long), "floating"), (torch.randn(3, 32, 32), "4-D"),
+])
+def test_bad_pixel_values_are_input_errors(pixels, says):
+    with pytest.raises(InputError, match=says) as e:
+        cv.build_clip_vision(cv.ClipVisionConfig(**cv.TINY)).eval()(pixels)
+    assert "fix" in str(e.value)
 
 
 def test_validate_builds_the_tiny_pair_and_trains():

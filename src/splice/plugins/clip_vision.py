@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from splice import HFInterop, hookimpl
@@ -69,14 +69,16 @@ class ClipVisionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image_size: ImageSize = 224
-    patch_size: ImageSize = 32
+    image_size: ImageSize = Field(224, description="pixels a side: images are image_size square")
+    patch_size: ImageSize = Field(32, description="pixels a side of a patch; the grid is image_size // patch_size a "
+                                  "side (the remaining pixels are not read, as in transformers)")
     num_channels: Channels = 3
     hidden_size: Width = 768
     intermediate_size: FFNWidth = 3072
     num_hidden_layers: Layers = 12
     num_attention_heads: Heads = 12
-    hidden_act: Activation = "quick_gelu"
+    hidden_act: Activation = Field("quick_gelu", description="the MLP's activation: OpenAI CLIP's quick_gelu, or "
+                                   "exact gelu (e.g. LAION's OpenCLIP towers)")
     layer_norm_eps: Eps = 1e-5
     attention_dropout: Probability = 0.0
     initializer_range: InitStd = 0.02
