@@ -3,6 +3,8 @@ saved and read back from disk), ours loaded from those files, random inputs, and
 
 Each family is a ``Case``: ``test_decoders.py`` runs the checks every decoder must pass over all of them (the
 ``case`` fixture, parametrised there); ``test_<family>.py`` sets ``CASE`` and tests what only that family has.
+``ALL`` is every family whose transformers causal LM reads ``encoder_hidden_states`` (the oracle of the checks with a
+context); LLaMA's does not, so it joins the slot checks (``SLOTTED``) and ``test_llama.py`` runs the rest for it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from safetensors.torch import load_file
 
 import transformers  # the oracle only; src/ never imports it
 from splice.adapters.cross_attention import StandardAdapter
-from splice.plugins import bart, bert, gpt2, roberta
+from splice.plugins import bart, bert, gpt2, llama, roberta
 
 ATOL = 1e-4
 CROSS_PARTS = {"norm", "q_proj", "k_proj", "v_proj", "o_proj"}  # what the standard adapter installs
@@ -72,6 +74,7 @@ class Case:
     hf_defaults: dict[str, Any]  # on top of ``tiny`` in every oracle config
     perturb_seed: Callable[[int], int]  # the oracle's seed -> the seed of its perturbation
     slots: bool = True  # cross-attention through adapters (False: native, BART)
+    hf_cross: bool = True  # transformers' causal LM takes encoder_hidden_states (LLaMA's has no cross-attention)
     prefix: str = "layers."  # our layer list in state-dict names
     norm: tuple[str, float]  # LayerSpec (norm, eps)
     pad_in_ids: int | None = None  # padding positions carry this id (RoBERTa counts positions from it)
@@ -205,7 +208,23 @@ CASES = {
         unsupported=(dict(normalize_before=True, add_final_layer_norm=True, activation_function="tanh"),
                      ("normalize_before", "add_final_layer_norm", "'tanh'")),
     ),
+    "llama": Case(
+        name="llama", registered="llama", module=llama, config_cls=llama.LlamaConfig, builder=llama.build_llama,
+        # grouped-query (2 K/V heads for 4 query heads), and attention biases so that the mapping carries them
+        tiny=dict(llama.TINY, attention_bias=True),
+        width="hidden_size", layers="num_hidden_layers", attn_dropout="attention_dropout", activation="hidden_act",
+        hf_class=transformers.LlamaForCausalLM, hf_config_class=transformers.LlamaConfig, hf_defaults={},
+        perturb_seed=lambda seed: seed + 1, hf_cross=False, norm=("pre", 1e-6),
+        too_long="exceeds max_position_embeddings=64", expects_width="expects 32",
+        tied_missing=frozenset({"lm_head.weight"}),
+        bad_shape=("model.layers.1.mlp.up_proj.weight", (32, 32), (64, 32)),
+        heads_error=(dict(hidden_size=32, num_attention_heads=5),
+                     "num_attention_heads=5 does not divide hidden_size=32"),
+        unknown_key="n_layer",
+        unsupported=(dict(rope_parameters={"rope_type": "yarn", "factor": 2.0}, hidden_act="tanh"),
+                     ("rope_scaling.rope_type", "'yarn'", "hidden_act")),
+    ),
 }
 
-ALL = pytest.mark.parametrize("case", list(CASES), indirect=True)
+ALL = pytest.mark.parametrize("case", [n for n, c in CASES.items() if c.hf_cross], indirect=True)
 SLOTTED = pytest.mark.parametrize("case", [n for n, c in CASES.items() if c.slots], indirect=True)
