@@ -322,8 +322,8 @@ class LlamaDecoder(NativeDecoder):
     ):
         scaling = None if not rope_scaling or rope_scaling.get("rope_type") == "default" else dict(rope_scaling)
         # dynamic NTK scaling exists to read past max_position_embeddings: up to factor times as far
-        longest = int(max_position_embeddings * scaling["factor"]) if scaling and scaling["rope_type"] == "dynamic" \
-            else max_position_embeddings
+        dynamic = scaling is not None and scaling["rope_type"] == "dynamic"
+        longest = int(max_position_embeddings * scaling["factor"]) if dynamic else max_position_embeddings
         super().__init__(hidden_size=hidden_size, vocab_size=vocab_size, n_head=num_attention_heads,
                          max_positions=longest, eps=rms_norm_eps, attn_dropout=attention_dropout)
         kv_heads = num_key_value_heads or num_attention_heads
@@ -374,7 +374,9 @@ class LlamaDecoder(NativeDecoder):
     def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(cos, sin) of the positions (B, T) or (T,), each (B or 1, 1, T, hs), as ``LlamaRotaryEmbedding``."""
         pos = position_ids if position_ids.dim() == 2 else position_ids[None]  # (B, T)
-        inv_freq = self.inv_freq
+        inv_freq = self.inv_freq  # (hs/2,) float32, recomputed if a cast of the model (.half()) rounded it
+        if inv_freq.dtype != torch.float32:
+            inv_freq = self._inv_freq().to(pos.device)
         if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "dynamic" and pos.numel():
             inv_freq = self._inv_freq(pos.max() + 1).to(pos.device)  # transformers: the batch's largest position
         freqs = pos[..., None].float() * inv_freq.float()  # (B, T, hs/2)
@@ -425,20 +427,19 @@ class LlamaDecoder(NativeDecoder):
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError(
                 f"{self.family}: pass input_ids (B, T) or inputs_embeds (B, T, {self.hidden_size}), exactly one; "
-                f"given {'both' if input_ids is not None else 'neither'}; fix: drop one of them"
+                f"given {'both' if input_ids is not None else 'neither'}; fix: "
+                f"{'drop one of them' if input_ids is not None else 'pass the token ids or their embeddings'}"
             )
         if inputs_embeds is None:
-            ids = input_ids
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.hidden_size \
-                or not inputs_embeds.is_floating_point():
+            return input_ids
+        E = inputs_embeds
+        if E.dim() != 3 or E.shape[-1] != self.hidden_size or not E.is_floating_point():
             raise InputError(
                 f"inputs_embeds must be floating-point of shape (B, T, {self.hidden_size}); given dtype "
                 f"{inputs_embeds.dtype}, shape {tuple(inputs_embeds.shape)}; fix: pass embeddings as wide as "
                 f"hidden_size (decoder.embed_tokens(ids) gives them for token ids)"
             )
-        else:
-            ids = torch.empty(inputs_embeds.shape[:2], dtype=torch.long, device="meta")
-        return ids
+        return torch.empty(inputs_embeds.shape[:2], dtype=torch.long, device="meta")  # (B, T)
 
 
 def build_llama(config: LlamaConfig) -> LlamaDecoder:
