@@ -209,11 +209,12 @@ class ClipVisionEncoder(nn.Module):
 
     def forward(self, pixel_values: Tensor, output_hidden_states: bool = False) -> EncoderOutput:
         x = self.pre_layrnorm(self.embeddings(check_pixels(pixel_values, self)))  # (B, N, D), N = 1 + g*g
-        seen = [x]
+        seen = [x] if output_hidden_states else None  # kept only when asked for: each is a (B, N, D) tensor
         for layer in self.encoder.layers:
             x = layer(x)  # (B, N, D)
-            seen.append(x)
-        return EncoderOutput(x, tuple(seen) if output_hidden_states else None,
+            if seen is not None:
+                seen.append(x)
+        return EncoderOutput(x, tuple(seen) if seen is not None else None,
                              pooler_output=self.post_layernorm(x[:, 0]))  # (B, D)
 
 
