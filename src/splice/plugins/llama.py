@@ -151,6 +151,9 @@ class LlamaConfig(DecoderConfig):
             raise ValueError(f"head_dim={head_dim} is odd; expected an even head size (rotary positions turn pairs "
                              "of dimensions); fix: set head_dim, or hidden_size / num_attention_heads, to an even "
                              "number")
+        if head_dim == 2 and self.rope_scaling is not None and self.rope_scaling.rope_type == "dynamic":
+            raise ValueError("head_dim=2 with rope_type='dynamic'; expected head_dim >= 4 (dynamic scaling raises "
+                             "the base to the power head_dim / (head_dim - 2)); fix: widen the heads")
         if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
             raise ValueError(f"pad_token_id={self.pad_token_id} is outside the vocabulary (vocab_size="
                              f"{self.vocab_size}); expected an id < vocab_size; fix: correct it or set it to null")
