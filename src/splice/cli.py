@@ -186,12 +186,18 @@ def _cmd_schema(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from splice.demo import check_settings, run
+    from splice.demo import check_settings
 
-    problems = check_settings(minutes=args.minutes, threads=args.threads, seed=args.seed, out=args.out)
+    if args.kind == "dual-encoder":
+        from splice import demo_dual_encoder as chosen
+    else:
+        from splice import demo as chosen
+    out = args.out or ("out/demo" if args.kind == "encoder-decoder" else f"out/demo-{args.kind}")
+    problems = check_settings(minutes=args.minutes, threads=args.threads, seed=args.seed, out=out,
+                              recipe=chosen.RECIPE)
     if problems:
         raise InputError(_as_flags(problems), source="splice demo")
-    return run(spec=args.spec, out=args.out, minutes=args.minutes, threads=args.threads, seed=args.seed)
+    return chosen.run(spec=args.spec, out=out, minutes=args.minutes, threads=args.threads, seed=args.seed)
 
 
 def _cmd_train(args) -> int:
@@ -309,8 +315,11 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_schema)
 
     p = sub.add_parser("demo", help="the embedded default: train a tiny captioner on synthetic shapes, then caption")
-    p.add_argument("--spec", default=None, help="spec to train (default: examples/demo-captioner.yaml)")
-    p.add_argument("--out", default="out/demo")
+    p.add_argument("--kind", choices=["encoder-decoder", "dual-encoder"], default="encoder-decoder",
+                   help="encoder-decoder: a captioner (default); dual-encoder: contrastive, then zero-shot labels")
+    p.add_argument("--spec", default=None, help="spec to train (default: examples/demo-captioner.yaml, or "
+                   "examples/demo-dual-encoder.yaml with --kind dual-encoder)")
+    p.add_argument("--out", default=None, help="output folder (default: out/demo, out/demo-dual-encoder)")
     p.add_argument("--minutes", type=float, default=5.0, help="training time budget, > 0 (default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads, 1 to 1024 (default 2)")
     p.add_argument("--seed", type=int, default=0, help="0 to 2**32-1 (default 0)")

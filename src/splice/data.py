@@ -201,15 +201,18 @@ def find_sources(path: str | Path) -> tuple[Path, Path | None]:
 # -- the dataset -----------------------------------------------------------------------------------------
 
 
-def encode_caption(tokenizer, text: str, eos: int | None, max_len: int) -> tuple[list[int], bool]:
-    """Token ids of a caption (without the tokenizer's own special tokens) followed by ``eos``, cut to
-    ``max_len`` (keeping ``eos`` last)."""
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
+def encode_caption(tokenizer, text: str, eos: int | None, max_len: int, *,
+                   special_tokens: bool = False) -> tuple[list[int], bool]:
+    """Token ids of a caption followed by ``eos``, cut to ``max_len`` keeping the last token (``eos``, or the
+    tokenizer's closing special token). ``special_tokens``: with the tokenizer's own (a text encoder's
+    ``[CLS] ... [SEP]``); else without them (a decoder's target)."""
+    ids = tokenizer.encode(text, add_special_tokens=special_tokens).ids
     if eos is not None:
         ids.append(eos)
     truncated = len(ids) > max_len
     if truncated:
-        ids = ids[: max_len - 1] + ([eos] if eos is not None else ids[max_len - 1 : max_len])
+        keep_last = eos is not None or special_tokens
+        ids = ids[: max_len - 1] + (ids[-1:] if keep_last else ids[max_len - 1 : max_len])
     return ids, truncated
 
 
@@ -225,13 +228,13 @@ class CaptionDataset(torch.utils.data.Dataset):
     """Rows of (image, caption); items are ``{"pixel_values" (C, H, W), "labels" list[int], "caption"}``."""
 
     def __init__(self, rows: list[Row], *, tokenizer, processor, eos: int | None, max_len: int,
-                 report: DataReport | None = None):
+                 report: DataReport | None = None, special_tokens: bool = False):
         self.rows = rows
         self.processor = processor
         self.report = report or DataReport("rows", total=len(rows), used=len(rows))
         self.labels: list[list[int]] = []
         for row in rows:
-            ids, cut = encode_caption(tokenizer, row.text, eos, max_len)
+            ids, cut = encode_caption(tokenizer, row.text, eos, max_len, special_tokens=special_tokens)
             self.report.truncated += cut
             self.labels.append(ids)
 
@@ -318,13 +321,13 @@ def split(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[
 
 
 def check_tokenizer(tokenizer, model, what: str) -> None:
-    """An ``InputError`` when ``tokenizer`` can give ids the decoder has no embedding for."""
-    vocab = getattr(model.decoder, "vocab_size", None)
+    """An ``InputError`` when ``tokenizer`` can give ids the model's text side has no embedding for."""
+    enc = model.caption_encoding()
     size = tokenizer.get_vocab_size()
-    if vocab is not None and size > vocab:
-        raise InputError(f"{what} has {size:,} token ids, the decoder's vocabulary {vocab:,}\n"
-                         f"    fix: use the tokenizer the decoder was built for, or set decoder.config.vocab_size: "
-                         f"{size} in the spec")
+    if enc.vocab_size is not None and size > enc.vocab_size:
+        raise InputError(f"{what} has {size:,} token ids, the {enc.component}'s vocabulary {enc.vocab_size:,}\n"
+                         f"    fix: use the tokenizer the {enc.component} was built for, or set "
+                         f"{enc.component}.config.vocab_size: {size} in the spec")
 
 
 def load_data(path: str | Path, model, *, seed: int = 0, eval_path: str | Path | None = None,
@@ -340,8 +343,7 @@ def load_data(path: str | Path, model, *, seed: int = 0, eval_path: str | Path |
         )
     check_tokenizer(tokenizer, model, "the model's tokenizer")
     processor = processor_for(model)
-    max_len = getattr(model.decoder, "max_positions", None) or 1024
-    eos = model.tokens.get("eos")
+    enc = model.caption_encoding()
     train_src, eval_src = find_sources(path)
     rows, report = read_rows(train_src, check_images=check_images)
     reports = [report]
@@ -353,7 +355,8 @@ def load_data(path: str | Path, model, *, seed: int = 0, eval_path: str | Path |
     else:
         rows, eval_rows = split(rows, eval_fraction, seed) if len(rows) >= 20 else (rows, [])
         eval_report = None
-    kw = dict(tokenizer=tokenizer, processor=processor, eos=eos, max_len=max_len)
+    kw = dict(tokenizer=tokenizer, processor=processor, eos=enc.eos, max_len=enc.max_len or 1024,
+              special_tokens=enc.special_tokens)
     train = FileData(CaptionDataset(rows, report=report, **kw), seed=seed, name=str(train_src))
     evaluation = None
     if eval_rows:

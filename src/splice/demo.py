@@ -50,19 +50,21 @@ def bundled_spec() -> str | dict:
         return str(path)
 
 
-def check_settings(*, minutes: Any, threads: Any, seed: Any, out: Any) -> list[Problem]:
+def check_settings(*, minutes: Any, threads: Any, seed: Any, out: Any, recipe: dict | None = None) -> list[Problem]:
     """The demo's settings are training settings: checked as ``TrainConfig`` checks them, named as ``run`` names
     them (``splice demo`` names them by its flags)."""
     from splice.train import TrainConfig
 
-    config = TrainConfig(out=out, max_minutes=minutes, threads=threads, seed=seed, **RECIPE)
+    config = TrainConfig(out=out, max_minutes=minutes, threads=threads, seed=seed, **(recipe or RECIPE))
     names = {"max_minutes": "minutes", "max_steps": "minutes", "threads": "threads", "seed": "seed", "out": "out"}
     return [dataclasses.replace(p, path=names[p.path]) for p in config.problems() if p.path in names]
 
 
-def _clock(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 60}:{s % 60:02d}"
+def clear_outputs(out_dir: Path) -> None:
+    """What an earlier demo run wrote into ``out_dir`` (a second run replaces the first)."""
+    for name in ("checkpoint", "model", "images", "metrics.jsonl", "captions.png", "classified.png"):
+        p = out_dir / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def run(spec: str | dict | None = None, out: str = "out/demo", *, minutes: float = 5.0, threads: int | None = 2,
@@ -71,6 +73,7 @@ def run(spec: str | dict | None = None, out: str = "out/demo", *, minutes: float
     import splice
     from splice.synthetic import ShapesData
     from splice.train import TrainConfig, train
+    from splice.train.progress import clock
 
     problems = check_settings(minutes=minutes, threads=threads, seed=seed, out=out)
     if problems:
@@ -80,9 +83,7 @@ def run(spec: str | dict | None = None, out: str = "out/demo", *, minutes: float
         torch.set_num_threads(threads)
     spec = spec or bundled_spec()
     out_dir = Path(out)
-    for name in ("checkpoint", "model", "images", "metrics.jsonl", "captions.png"):
-        p = out_dir / name
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    clear_outputs(out_dir)
 
     model = _compose(spec, seed)
     where = spec if isinstance(spec, str) else "the built-in demo spec"
@@ -93,7 +94,7 @@ def run(spec: str | dict | None = None, out: str = "out/demo", *, minutes: float
         out=str(out_dir), max_minutes=minutes, seed=seed, threads=threads, log_every=25, eval_at_end=False,
         save_minutes=None, overwrite=True, progress=progress, **RECIPE))
     model = result.model
-    print(f"trained {result.step:,} steps ({result.samples:,} images) in {_clock(result.elapsed_s)}", flush=True)
+    print(f"trained {result.step:,} steps ({result.samples:,} images) in {clock(result.elapsed_s)}", flush=True)
 
     data = ShapesData.for_model(model, seed=seed)
     _report_accuracy(model, data, eval_size, target)
@@ -102,7 +103,7 @@ def run(spec: str | dict | None = None, out: str = "out/demo", *, minutes: float
     files = ", ".join(sorted(p.name for p in saved.iterdir()))
     print(f"saved {saved}/ ({files}) and loaded it back")
     _caption_heldout(loaded, data, out_dir)
-    print(f"done in {_clock(time.perf_counter() - t_start)}")
+    print(f"done in {clock(time.perf_counter() - t_start)}")
     return 0
 
 

@@ -52,9 +52,10 @@ def words() -> list[str]:
     return out
 
 
-def build_tokenizer():
-    """A word-level ``tokenizers.Tokenizer``: [PAD]=0 [BOS]=1 [EOS]=2 [UNK]=3, then ``words()``."""
-    from tokenizers import Tokenizer, decoders
+def build_tokenizer(*, wrap: bool = False):
+    """A word-level ``tokenizers.Tokenizer``: [PAD]=0 [BOS]=1 [EOS]=2 [UNK]=3, then ``words()``. ``wrap``: its
+    special tokens wrap every text as ``[BOS] ... [EOS]`` (a text encoder's ``[CLS] ... [SEP]``)."""
+    from tokenizers import Tokenizer, decoders, processors
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
@@ -63,11 +64,24 @@ def build_tokenizer():
     tok.pre_tokenizer = WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     tok.add_special_tokens(list(SPECIAL_TOKENS))
+    if wrap:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[BOS] $A [EOS]", special_tokens=[("[BOS]", BOS), ("[EOS]", EOS)])
     return tok
 
 
 def vocab_size() -> int:
     return len(SPECIAL_TOKENS) + len(words())
+
+
+def all_captions() -> list[str]:
+    """Every caption the set can draw (576): the label set of zero-shot classification over the shapes."""
+    out = [f"a {c} {k}" for c in COLOURS for k in KINDS] + [f"two {c} {k}s" for c in COLOURS for k in KINDS]
+    colours = list(COLOURS)
+    for i, c1 in enumerate(colours):
+        out += [f"a {c1} {k1} {rel} a {c2} {k2}" for c2 in colours[i + 1:] for k1 in KINDS for k2 in KINDS
+                for rel in RELATIONS]
+    return out
 
 
 @dataclass
@@ -198,14 +212,16 @@ class ShapesData:
     is_stream = True
 
     def __init__(self, *, tokenizer=None, image_size: int = 64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                 seed: int = 0, config: ShapesConfig | None = None, eos: int | None = EOS):
+                 seed: int = 0, config: ShapesConfig | None = None, eos: int | None = EOS,
+                 special_tokens: bool = False):
         config = config or ShapesConfig()
         if config.image_size != image_size:
             config = ShapesConfig(**{**config.__dict__, "image_size": image_size})
         self.config = config
         self.seed = seed
         self.eos = eos
-        self.tokenizer = tokenizer or build_tokenizer()
+        self.special_tokens = special_tokens  # the tokenizer's own (a text encoder's [CLS] ... [SEP])
+        self.tokenizer = tokenizer or build_tokenizer(wrap=special_tokens)
         mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self._scale, self._shift = 1 / std, -mean / std
@@ -213,16 +229,18 @@ class ShapesData:
 
     @classmethod
     def for_model(cls, model, *, seed: int = 0, config: ShapesConfig | None = None) -> "ShapesData":
-        """Drawn at the encoder's image size, normalised with its mean/std, tokenized with the model's tokenizer."""
-        pre = model.encoder.preprocessing
+        """Drawn at the vision encoder's image size, normalised with its mean/std, tokenized with the model's
+        tokenizer as its ``caption_encoding`` says."""
+        pre = model.vision_tower().preprocessing
         h, w = pre.image_size
         if h != w or pre.in_chans != 3:
             from splice.core.errors import InputError
 
             raise InputError(f"the shapes set draws square RGB images; the encoder takes {pre.in_chans}x{h}x{w}\n"
                              "    fix: build the encoder with a square img_size and 3 channels")
+        enc = model.caption_encoding()
         return cls(tokenizer=getattr(model, "tokenizer", None), image_size=h, mean=pre.mean, std=pre.std, seed=seed,
-                   config=config, eos=model.tokens.get("eos"))
+                   config=config, eos=enc.eos, special_tokens=enc.special_tokens)
 
     def describe(self) -> str:
         c = self.config
@@ -231,7 +249,7 @@ class ShapesData:
     def caption_ids(self, caption: str) -> list[int]:
         ids = self._ids.get(caption)
         if ids is None:
-            ids = self.tokenizer.encode(caption, add_special_tokens=False).ids
+            ids = self.tokenizer.encode(caption, add_special_tokens=self.special_tokens).ids
             ids = self._ids[caption] = ids + ([self.eos] if self.eos is not None else [])
         return ids
 
@@ -252,6 +270,10 @@ class ShapesData:
 
     def get(self, positions: Sequence[int]) -> dict:
         return self.make_batch([sample(self.seed, TRAIN_STREAM, k, self.config) for k in positions])
+
+    def caption_set(self) -> list[str]:
+        """Every caption the set can draw (what zero-shot classification chooses among)."""
+        return all_captions()
 
     def heldout(self, n: int = 500) -> list[Sample]:
         return [sample(self.seed, HELDOUT_STREAM, i, self.config) for i in range(n)]

@@ -28,6 +28,18 @@ class Seq2SeqOutput:
     cache: Any = None
 
 
+@dataclass(frozen=True)
+class CaptionEncoding:
+    """How ``splice.train``'s data turns a caption into a row of ``labels``: the tokenizer's own special tokens
+    or not, then ``eos`` appended (None: nothing), cut to ``max_len`` tokens; ``vocab_size`` bounds the ids."""
+
+    special_tokens: bool = False
+    eos: int | None = None
+    max_len: int | None = None
+    vocab_size: int | None = None
+    component: str = "decoder"  # the spec key of the component that reads the ids (named in errors)
+
+
 def shift_right(labels: Tensor, pad: int, start: int) -> Tensor:
     """Decoder inputs from labels: prepend ``start``, drop the last label, -100 -> ``pad``."""
     shifted = labels.new_empty(labels.shape)  # (B, T)
@@ -42,8 +54,8 @@ class ComposedModel(nn.Module):
     ``loading_report`` of its last load, and saves itself with ``save_pretrained``. A kind's model subclasses it
     and calls ``super().__init__(spec)`` first.
 
-    ``image_processor`` None: ``save_pretrained`` derives one from ``self.encoder.preprocessing`` when the model
-    has a vision encoder under that name."""
+    ``image_processor`` None: ``save_pretrained`` derives one from the preprocessing of ``vision_tower()`` (the
+    module named ``encoder`` unless the kind says otherwise)."""
 
     def __init__(self, spec: dict):
         super().__init__()
@@ -69,6 +81,12 @@ class ComposedModel(nn.Module):
             for p in groups[part]:
                 p.requires_grad_(False)
 
+    def claim_pretrained(self, role: str, tensors: dict[str, Tensor]) -> dict[str, str]:
+        """Warm start: the tensors of part ``role``'s pretrained weights that the part itself had no place for
+        (named as its mapping left them), for the kind to take what belongs to it (a dual encoder takes the ViT
+        pooler); load them and return ``{name given: the model's state_dict name}``. Default: nothing taken."""
+        return {}
+
     def save_pretrained(self, path, *, extra_files: dict[str, bytes] | None = None) -> None:
         """Write ``splice.json`` + ``model.safetensors`` (and the processor, tokenizer, generation defaults)
         atomically: a temp folder, then a rename."""
@@ -78,6 +96,37 @@ class ComposedModel(nn.Module):
 
     def num_parameters(self, *, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # -- what ``splice.train`` asks of a kind's model ------------------------------------------------------
+    # A training batch is a dict: ``pixel_values`` (B, C, H, W), ``labels`` (B, T) the captions' token ids (as
+    # ``caption_encoding`` says) with -100 after each row's end, ``captions``, ``categories``, ``errors``.
+    # The defaults fit a kind whose ``forward(pixel_values=..., labels=...)`` returns the mean ``loss`` over the
+    # labels that are not -100; a kind overrides what differs.
+
+    def vision_tower(self) -> nn.Module | None:
+        """The vision encoder (its ``preprocessing`` sizes the training images): ``encoder`` by default."""
+        return getattr(self, "encoder", None)
+
+    def caption_encoding(self) -> CaptionEncoding:
+        """How captions become ``labels`` rows (default: the tokenizer's ids, nothing added)."""
+        return CaptionEncoding()
+
+    def training_weight(self, batch: dict) -> int:
+        """What the batch's loss averages over: the trainer sums ``training_loss_sum`` over every micro-batch and
+        process and divides by the global total of this (default: the labels that are not -100)."""
+        return int((batch["labels"] != -100).sum())
+
+    def training_loss_sum(self, call: nn.Module, batch: dict) -> Tensor:
+        """The batch's summed loss (a 0-d tensor). ``call`` is the model as the trainer runs it, a
+        DistributedDataParallel wrapper in a multi-process run: call ``forward`` through it."""
+        loss = call(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+        return loss.float() * self.training_weight(batch)
+
+    def evaluate_training(self, source: Any, *, n: int | None, batch_size: int, precision: str) -> dict | None:
+        """The held-out figures ``splice train`` logs (a dict with ``loss`` and ``n``; other float values are shown
+        as percentages); None: the trainer's default (greedy exact match for a model that ``generate``s captions,
+        else the mean loss over ``source.eval_batches``)."""
+        return None
 
 
 class EncoderDecoderModel(ComposedModel):
@@ -190,6 +239,26 @@ class EncoderDecoderModel(ComposedModel):
         from splice.core.generation import generate
 
         return generate(self, pixel_values, **kwargs)
+
+    # -- training (see ComposedModel) -------------------------------------------------------------------
+    def caption_encoding(self) -> CaptionEncoding:
+        """Captions as the decoder's targets: the tokenizer's ids then ``eos``, within the decoder's positions."""
+        return CaptionEncoding(special_tokens=False, eos=self.tokens.get("eos"),
+                               max_len=getattr(self.decoder, "max_positions", None) or 1024,
+                               vocab_size=getattr(self.decoder, "vocab_size", None))
+
+    def training_loss_sum(self, call: nn.Module, batch: dict) -> Tensor:
+        """Summed cross-entropy over the label tokens that are not -100; the decoder's inputs are the labels
+        shifted right."""
+        start, pad = self.tokens.get("decoder_start"), self.tokens.get("pad")
+        if start is None or pad is None:
+            raise InputError(
+                f"training needs tokens.decoder_start and tokens.pad in the spec (given {self.tokens})\n"
+                "    fix: add them under `tokens:`"
+            )
+        labels = batch["labels"]  # (B, T)
+        logits = call(pixel_values=batch["pixel_values"], decoder_input_ids=shift_right(labels, pad, start)).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
 
     def freeze_groups(self) -> dict[str, list[nn.Parameter]]:
         """``encoder``, ``decoder``, ``cross_attention``, ``projection``: the adapters' modules stay trainable

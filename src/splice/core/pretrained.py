@@ -103,12 +103,13 @@ def load_part(model, part, *, strict: bool) -> LoadReport:
     # modules the kind installed inside the component (an adapter's cross-attention) keep their fresh init
     new = {n for m in getattr(model, "cross_attention_modules", ()) for n in _names_in(module, m)}
     missing = sorted(k for k in expected if k not in mapped and k not in new and not _is_buffer(module, k))
+    claimed = _claim_unused(model, part.role, tensors, unused)  # {unused name: the model's name it filled}
     p = part.role
     report = LoadReport(
         source=f"{part.weights} ({layout} layout)",
-        loaded=sorted(f"{p}.{k}" for k in mapped),
+        loaded=sorted([f"{p}.{k}" for k in mapped] + list(claimed.values())),
         missing=[f"{p}.{k}" for k in missing],
-        unused=sorted(f"{p}.{k}" for k in unused),
+        unused=sorted(f"{p}.{k}" for k in unused if k not in claimed),
         initialised=sorted(f"{p}.{k}" for k in new),
         notes=[f"{p}: {n}" for n in notes],
     )
@@ -118,6 +119,20 @@ def load_part(model, part, *, strict: bool) -> LoadReport:
             + "    fix: load with strict=False to accept them, or point at matching weights"
         )
     return report
+
+
+def _claim_unused(model, role: str, tensors: dict[str, Tensor], unused: list[str]) -> dict[str, str]:
+    """The kind's model takes the part's unused tensors it has a place for (``claim_pretrained``): a tensor is
+    found under its unused name, or that name behind a prefix of the file (``vit.pooler...``)."""
+    claim = getattr(model, "claim_pretrained", None)
+    if not callable(claim) or not unused:
+        return {}
+    found = {}
+    for name in unused:
+        key = name if name in tensors else next((k for k in tensors if k.endswith("." + name)), None)
+        if key is not None:
+            found[name] = tensors[key]
+    return claim(role, found)
 
 
 def _check_fit(where: Path, part, mapped: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
@@ -159,7 +174,8 @@ def load_pretrained_parts(model, plan, *, strict: bool = False) -> LoadReport:
             getattr(combined, field).extend(getattr(r, field))
     # what the kind added between the components (a projection) is new
     prefixes = tuple(f"{part.role}." for part in parts)
-    combined.initialised.extend(k for k in model.state_dict() if not k.startswith(prefixes))
+    combined.initialised.extend(k for k in model.state_dict() if not k.startswith(prefixes)
+                                and k not in combined.loaded)
     combined.source = "; ".join(sources)
     model.loading_report = combined
     return combined

@@ -588,10 +588,11 @@ def _size(path: str | Path) -> int | None:
 
 
 def processor_for(model) -> ImageProcessor | None:
-    """The model's image processor: the one saved/loaded with it, else from its encoder's data config; None for
-    a model without either (a kind with no vision encoder named ``encoder``)."""
+    """The model's image processor: the one saved/loaded with it, else from its vision encoder's data config
+    (``model.vision_tower()``, or its ``encoder``); None for a model without either."""
     proc = getattr(model, "image_processor", None)
     if proc is not None:
         return proc
-    preprocessing = getattr(getattr(model, "encoder", None), "preprocessing", None)
+    tower = model.vision_tower() if callable(getattr(model, "vision_tower", None)) else getattr(model, "encoder", None)
+    preprocessing = getattr(tower, "preprocessing", None)
     return None if preprocessing is None else ImageProcessor.from_preprocessing(preprocessing)

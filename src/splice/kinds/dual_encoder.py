@@ -14,7 +14,8 @@ A spec::
 The image's vector is what transformers' vision model returns as ``pooler_output`` (``VISION_POOLING``): ViT and
 DeiT pass the class token through a dense + tanh pooler (``vision_pooler``, owned here since splice's vision
 encoders return tokens only), BEiT mean-pools its patch tokens through its ``fc_norm`` (or takes the class token),
-Swin averages its tokens; any other vision encoder averages its tokens. The text's vector is the text encoder's
+Swin averages its tokens; any other vision encoder gives its own ``pooler_output`` (CLIP: the class token through
+``post_layernorm``) or has its tokens averaged. The text's vector is the text encoder's
 ``pooler_output`` (BERT's pooler). Its transformers layout is ``vision-text-dual-encoder``
 (``splice.core.dual_encoder_format``).
 """
@@ -37,8 +38,7 @@ from splice.core.dual_encoder_format import (ARCHITECTURE, MODEL_TYPE, export_du
 from splice.core.inputs import check_pixels, check_token_ids, home_tensor, input_error
 from splice.core.kinds import Kind, Plan, TransformersFormat
 from splice.core.meta import params_on_meta
-from splice.core.models import ComposedModel
-from splice.core.processing import ImageProcessor
+from splice.core.models import CaptionEncoding, ComposedModel
 from splice.core.spec import ComponentSpec
 
 KIND = "dual-encoder"
@@ -50,6 +50,7 @@ POOLING_LINES = {
     "dense": "the class token through a dense + tanh pooler (transformers' ViT/DeiT pooler)",
     "head": "the encoder's own pooled features (BEiT: mean of the patch tokens through fc_norm, or the class token)",
     "mean": "the mean of the encoder's tokens",
+    "own": "the encoder's own pooled vector (pooler_output, as CLIP's) when it gives one, else the mean of its tokens",
 }
 
 
@@ -116,16 +117,22 @@ class DualEncoderModel(ComposedModel):
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
 
-    @property
-    def image_processor(self) -> ImageProcessor | None:
-        """The processor saved or loaded with the model, else one from the vision encoder's preprocessing (the
-        vision tower is named ``vision``, so ``ComposedModel``'s ``encoder`` rule does not find it)."""
-        given = self.__dict__.get("_image_processor")
-        return given if given is not None else ImageProcessor.from_preprocessing(self.vision.preprocessing)
+    def vision_tower(self) -> nn.Module:
+        return self.vision
 
-    @image_processor.setter
-    def image_processor(self, value: ImageProcessor | None) -> None:
-        self.__dict__["_image_processor"] = value
+    @torch.no_grad()
+    def claim_pretrained(self, role: str, tensors: dict[str, Tensor]) -> dict[str, str]:
+        """A pretrained ViT/DeiT folder's ``pooler.dense`` fills ``vision_pooler``, as transformers'
+        ``from_vision_text_pretrained`` keeps the vision model's pooler."""
+        if role != "vision" or self.vision_pooler is None:
+            return {}
+        taken = {}
+        for kind in ("weight", "bias"):
+            value, target = tensors.get(f"pooler.dense.{kind}"), getattr(self.vision_pooler, kind)
+            if value is not None and value.shape == target.shape:
+                target.copy_(value)
+                taken[f"pooler.dense.{kind}"] = f"vision_pooler.{kind}"
+        return taken
 
     def freeze_groups(self) -> dict[str, list[nn.Parameter]]:
         pooler = list(self.vision_pooler.parameters()) if self.vision_pooler is not None else []
@@ -138,11 +145,14 @@ class DualEncoderModel(ComposedModel):
 
     def pooled_image(self, pixel_values: Tensor) -> Tensor:
         """(B, D_vision): the image as one vector, as transformers' vision model's ``pooler_output``."""
-        tokens = self.vision(check_pixels(pixel_values, self.vision)).last_hidden_state  # (B, N, D)
+        out = self.vision(check_pixels(pixel_values, self.vision))
+        tokens = out.last_hidden_state  # (B, N, D)
         if self.pooling == "dense":
             return torch.tanh(self.vision_pooler(tokens[:, 0]))  # (B, D)
         if self.pooling == "head":
             return self.vision.model.forward_head(tokens, pre_logits=True)  # (B, D)
+        if self.pooling == "own" and out.pooler_output is not None:
+            return out.pooler_output  # (B, D)
         return tokens.mean(dim=1)  # (B, D)
 
     def pooled_text(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -184,9 +194,7 @@ class DualEncoderModel(ComposedModel):
                     "use get_image_features / get_text_features")
         image = F.normalize(self.get_image_features(pixel_values), dim=-1)  # (B_img, P)
         text = F.normalize(self.get_text_features(input_ids, attention_mask, token_type_ids), dim=-1)  # (B_txt, P)
-        logits_per_text = text @ image.t() * self.logit_scale.exp()  # (B_txt, B_img)
-        if self.logit_bias is not None:
-            logits_per_text = logits_per_text + self.logit_bias
+        logits_per_text = self.pair_logits(image, text)  # (B_txt, B_img)
         loss = None
         if return_loss:
             if image.shape[0] != text.shape[0]:
@@ -194,8 +202,111 @@ class DualEncoderModel(ComposedModel):
                                   given=f"{image.shape[0]} images, {text.shape[0]} texts",
                                   expected="as many texts as images", fix="pass one caption per image, or "
                                   "return_loss=False to score every image against every text")
-            loss = clip_loss(logits_per_text) if self.loss_kind == "clip" else siglip_loss(logits_per_text)
+            loss = self.pair_loss(logits_per_text)
         return DualEncoderOutput(loss, logits_per_text.t(), logits_per_text, image, text)
+
+    def pair_logits(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+        """(B_txt, B_img) ``logits_per_text`` of normalised embeddings: scaled cosines (plus the bias: siglip)."""
+        logits = text_embeds @ image_embeds.t() * self.logit_scale.exp()
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
+    def pair_loss(self, logits_per_text: Tensor) -> Tensor:
+        """The spec's contrastive loss, text i paired with image i."""
+        return clip_loss(logits_per_text) if self.loss_kind == "clip" else siglip_loss(logits_per_text)
+
+    # -- training (splice.train; see ComposedModel) ------------------------------------------------------
+
+    def caption_encoding(self) -> CaptionEncoding:
+        """Captions as the text encoder reads them: with the tokenizer's special tokens ([CLS] ... [SEP])."""
+        return CaptionEncoding(special_tokens=True, eos=None, max_len=self.text.max_positions,
+                               vocab_size=self.text.vocab_size, component="text")
+
+    def text_inputs(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(input_ids, attention_mask), each (B, T), from a batch's caption rows (-100 after each row's end)."""
+        real = labels != -100  # (B, T)
+        return labels.masked_fill(~real, getattr(self.text, "pad_token_id", 0)), real.long()
+
+    def training_weight(self, batch: dict) -> int:
+        return int(batch["labels"].shape[0])  # the loss is a mean over the batch's pairs
+
+    def training_loss_sum(self, call: nn.Module, batch: dict) -> Tensor:
+        """The contrastive loss of the batch times its pairs. In a multi-process training run the embeddings are
+        gathered from every process with their gradients first (``gather_with_grad``), so every process scores
+        its images against all texts of the global batch: the negatives grow with the world size."""
+        from splice.train.distributed import gather_with_grad
+
+        ids, mask = self.text_inputs(batch["labels"])
+        out = call(pixel_values=batch["pixel_values"], input_ids=ids, attention_mask=mask, return_loss=False)
+        image, text = out.image_embeds, out.text_embeds  # (B, P) each
+        if self.training:  # evaluation runs in one process
+            image, text = gather_with_grad(image), gather_with_grad(text)  # (B_global, P)
+        return self.pair_loss(self.pair_logits(image, text)) * out.image_embeds.shape[0]
+
+    @torch.no_grad()
+    def evaluate_training(self, source, *, n: int | None, batch_size: int, precision: str) -> dict:
+        """The held-out loss, image->text and text->image recall@1 among the held-out pairs (a hit: the top
+        text's caption is the image's own, duplicates included), and zero-shot accuracy over the caption set
+        (``source.caption_set()``, else the held-out captions)."""
+        device, was_training = home_tensor(self.text_projection).device, self.training
+        self.eval()
+        images, texts, captions, categories, loss_sum = [], [], [], [], 0.0
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                for batch in source.eval_batches(n, batch_size):
+                    if batch["pixel_values"] is None:
+                        continue
+                    ids, mask = self.text_inputs(batch["labels"].to(device))
+                    out = self(pixel_values=batch["pixel_values"].to(device), input_ids=ids, attention_mask=mask)
+                    loss_sum += float(out.loss) * ids.shape[0]
+                    images.append(out.image_embeds.float())
+                    texts.append(out.text_embeds.float())
+                    captions += batch["captions"]
+                    categories += batch.get("categories") or [None] * ids.shape[0]
+                caption_set = list(source.caption_set()) if hasattr(source, "caption_set") else sorted(set(captions))
+                labels = self._caption_embeds(caption_set, batch_size, device)
+        finally:
+            self.train(was_training)
+        return retrieval_figures(torch.cat(images), torch.cat(texts), captions, labels, caption_set, loss_sum,
+                                 categories=categories)
+
+    def _caption_embeds(self, captions: list[str], batch_size: int, device: torch.device) -> Tensor | None:
+        """(C, P) normalised embeddings of ``captions`` through the model's tokenizer (None without one)."""
+        if self.tokenizer is None or not captions:
+            return None
+        from splice.zero_shot import tokenize
+
+        ids, mask = tokenize(self, captions)
+        return torch.cat([F.normalize(self.get_text_features(ids[i: i + batch_size].to(device),
+                                                             mask[i: i + batch_size].to(device)), dim=-1).float()
+                          for i in range(0, len(captions), batch_size)])
+
+
+def retrieval_figures(images: Tensor, texts: Tensor, captions: list[str], labels: Tensor | None,
+                      caption_set: list[str], loss_sum: float, categories: list | None = None) -> dict:
+    """Recall@1 both ways among the held-out pairs and zero-shot accuracy over ``caption_set``, from normalised
+    embeddings: ``images``/``texts`` (N, P), ``labels`` (C, P) for ``caption_set`` (None: not measured); image->text
+    recall@1 per category too when the rows have ``categories``."""
+    n = len(captions)
+    index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    ids = torch.tensor([index[c] for c in captions])  # (N,) one id per distinct caption
+    same = ids[:, None] == ids[None, :]  # (N, N) pairs with the same caption
+    sims = images @ texts.t()  # (N_img, N_txt)
+    rows = torch.arange(n)
+    hits = same[rows, sims.argmax(dim=1)] if n else torch.zeros(0, dtype=torch.bool)  # (N,) image i's top text
+    out = {"loss": loss_sum / max(n, 1), "n": n,
+           "image_to_text_recall@1": float(hits.float().mean()) if n else 0.0,
+           "text_to_image_recall@1": float(same[sims.argmax(dim=0), rows].float().mean()) if n else 0.0}
+    if labels is not None and n:
+        guess = (images @ labels.t()).argmax(dim=1).tolist()  # (N,)
+        out["zero_shot_accuracy"] = sum(caption_set[g] == c for g, c in zip(guess, captions)) / n
+        out["caption_set"] = len(caption_set)
+    if categories and any(c is not None for c in categories):
+        by = {}
+        for cat, hit in zip(categories, hits.tolist()):
+            by.setdefault(cat, []).append(hit)
+        out["by_category"] = {c: {"image_to_text_recall@1": sum(v) / len(v), "n": len(v)}
+                              for c, v in sorted(by.items(), key=lambda kv: str(kv[0]))}
+    return out
 
 
 # -- validate / assemble ------------------------------------------------------------------------------------
@@ -242,7 +353,7 @@ def _build(plan: Plan) -> DualEncoderModel | None:
     text = build_part(text_part, plan.problems)
     if vision is None or text is None:
         return None
-    pooling = VISION_POOLING.get(vision_part.family, "mean")
+    pooling = VISION_POOLING.get(vision_part.family, "own")
     if pooling == "head" and not callable(getattr(getattr(vision, "model", None), "forward_head", None)):
         pooling = "mean"
     model = DualEncoderModel(vision, text, spec=plan.resolved_spec(), pooling=pooling)

@@ -75,3 +75,45 @@ class Count(torch.utils.data.Sampler):
         while True:
             yield j
             j += 1
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Every process's rows of ``x`` (B_r, ...) concatenated in rank order, gradients included (open_clip's
+    ``gather_with_grad``); ``x`` itself outside a multi-process run.
+
+    The backward sums every process's gradient of the gathered tensor and hands each process its own rows. So a
+    loss that every process computes on the whole gathered batch (a contrastive loss, whose negatives then grow
+    with the world size), scaled as the trainer scales it, trains each process's rows as one process would train
+    the global batch, once DistributedDataParallel averages the parameters' gradients."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        count = torch.tensor([x.shape[0]], device=x.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)  # the processes' row counts may differ (rows that failed to load)
+        sizes = [int(c) for c in counts]
+        padded = x.new_zeros((max(sizes), *x.shape[1:]))  # (max B_r, ...)
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])  # (sum B_r, ...)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # sum over processes: each computed the loss on the whole gathered batch
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]]

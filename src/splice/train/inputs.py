@@ -40,17 +40,17 @@ def attach_shapes_tokenizer(model: nn.Module) -> None:
 
     if getattr(model, "tokenizer", None) is not None:
         return
-    need = synthetic.vocab_size()
-    vocab = getattr(model.decoder, "vocab_size", None)
-    if vocab is not None and vocab < need:
+    need, enc = synthetic.vocab_size(), model.caption_encoding()
+    if enc.vocab_size is not None and enc.vocab_size < need:
         raise InputError(
-            f"the shapes captions need {need} token ids, the decoder has vocab_size {vocab}\n"
-            f"    fix: set decoder.config.vocab_size: {need} (see examples/demo-captioner.yaml)"
+            f"the shapes captions need {need} token ids, the {enc.component} has vocab_size {enc.vocab_size}\n"
+            f"    fix: set {enc.component}.config.vocab_size: {need} (see examples/demo-captioner.yaml)"
         )
-    model.tokenizer = synthetic.build_tokenizer()
+    model.tokenizer = synthetic.build_tokenizer(wrap=enc.special_tokens)
+    tokens = getattr(model, "tokens", None)
     want = {"decoder_start": synthetic.BOS, "pad": synthetic.PAD, "eos": synthetic.EOS}
-    if any(model.tokens.get(k) != v for k, v in want.items()):
-        print(f"note: the shapes tokenizer's special ids are {want}; the spec says {model.tokens} (used as given)")
+    if tokens is not None and any(tokens.get(k) != v for k, v in want.items()):
+        print(f"note: the shapes tokenizer's special ids are {want}; the spec says {tokens} (used as given)")
 
 
 def resolve_data(data: Any, model: nn.Module, cfg: TrainConfig, eval_data: Any = None):

@@ -24,7 +24,7 @@ from splice.train.checkpoint import (CHECKPOINT, FINAL, METRICS, rng_state, prep
 from splice.train.config import TrainConfig, settings
 from splice.train.distributed import Count, Dist, Micro, world_size
 from splice.train.inputs import load_model, resolve_data
-from splice.train.optim import autocast_for, lr_at, make_optimizer, resolve_precision, token_loss_sum
+from splice.train.optim import autocast_for, lr_at, make_optimizer, resolve_precision, trained
 from splice.train.progress import Progress, Window, clock
 from splice.train.scoring import evaluate, format_eval
 from splice.train.stopping import Abort, Stop
@@ -199,9 +199,11 @@ class _Run:
 
     def _agree_to_go_on(self, micro: list[dict], stop: Stop) -> tuple[str | None, float, float]:
         """What every process agrees on before a step: whether to stop (a signal in any process, or rank 0's clock
-        past the budget), rank 0's elapsed seconds, and the global number of label tokens."""
+        past the budget), rank 0's elapsed seconds, and the global weight of the step's loss (label tokens for a
+        captioner: the model's ``training_weight``)."""
         cfg = self.cfg
-        tokens = sum(int((b["labels"] != -100).sum()) for b in micro if b["labels"] is not None)
+        core = trained(self.model)
+        tokens = sum(core.training_weight(b) for b in micro if b["labels"] is not None)
         elapsed = self._elapsed()
         over = cfg.max_minutes is not None and elapsed + (self.step_time or 0.0) > cfg.max_minutes * 60
         ctrl = self.dist.sum(torch.tensor([float(tokens), float(stop.requested), elapsed if self.main else 0.0,
@@ -218,13 +220,12 @@ class _Run:
         for i, b in enumerate(micro):
             if b["labels"] is None:
                 continue
-            px = b["pixel_values"].to(self.device, non_blocking=True)
-            labels = b["labels"].to(self.device, non_blocking=True)
+            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in b.items()}
             sync = nullcontext() if (not dist.on or i == len(micro) - 1) else wrapped.no_sync()
             with sync:
                 with autocast_for(self.precision, self.device):
-                    s = token_loss_sum(wrapped, px, labels)
-                # DDP averages gradients over processes: scale so the result is the global token mean
+                    s = trained(wrapped).training_loss_sum(wrapped, batch)
+                # DDP averages gradients over processes: scale so the result is the global mean
                 (s * (dist.world / max(ntok_global, 1.0))).backward()
             loss_sum += s.detach().double().cpu()
         # the global norm is logged either way; max_norm inf measures without clipping
@@ -345,7 +346,7 @@ class _Run:
             return None
         result = evaluate(self.model, self.eval_source, n=self.cfg.eval_size, batch_size=self.cfg.eval_batch_size,
                           precision=self.precision, examples=0)
-        result.pop("examples")
+        result.pop("examples", None)
         self.log({"event": "eval", "step": self.step, **result})
         self.last_eval_step = self.step
         return result

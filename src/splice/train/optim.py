@@ -7,11 +7,9 @@ import math
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.core.errors import InputError
-from splice.core.models import shift_right
 from splice.train.config import TrainConfig
 
 
@@ -63,22 +61,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def token_loss_sum(model: nn.Module, pixel_values: Tensor, labels: Tensor) -> Tensor:
-    """Summed cross-entropy over the label tokens that are not -100 (the caller divides by the global count).
+def trained(model: nn.Module):
+    """The model under a DistributedDataParallel wrapper: the ``ComposedModel`` whose training contract
+    (``training_weight``, ``training_loss_sum``) the loop follows."""
+    from splice.core.models import ComposedModel
 
-    An encoder-decoder's inputs are its labels shifted right; any other kind's model is called as
-    ``model(pixel_values=..., labels=...)`` and its ``loss`` (the mean over labels that are not -100) is scaled
-    back to the sum."""
     core = model.module if hasattr(model, "module") else model
-    if not hasattr(core, "tokens"):  # another composition kind: its own loss
-        loss = model(pixel_values=pixel_values, labels=labels).loss
-        return loss.float() * (labels != -100).sum()
-    start, pad = core.tokens.get("decoder_start"), core.tokens.get("pad")
-    if start is None or pad is None:
-        raise InputError(
-            f"training needs tokens.decoder_start and tokens.pad in the spec (given {core.tokens})\n"
-            "    fix: add them under `tokens:`"
-        )
-    out = model(pixel_values=pixel_values, decoder_input_ids=shift_right(labels, pad, start))
-    logits = out.logits  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    if not isinstance(core, ComposedModel):
+        raise InputError(f"model: a {type(core).__name__} is not a splice model, so the trainer does not know its loss\n"
+                         "    fix: train a model from splice.compose / splice.load, or subclass splice.kinds.ComposedModel")
+    return core
+
+
+def token_loss_sum(model: nn.Module, pixel_values: Tensor, labels: Tensor) -> Tensor:
+    """The summed loss of one batch as the model's kind defines it (``ComposedModel.training_loss_sum``): for an
+    encoder-decoder, the cross-entropy over the label tokens that are not -100 (the caller divides by the global
+    count, ``training_weight``)."""
+    return trained(model).training_loss_sum(model, {"pixel_values": pixel_values, "labels": labels})
