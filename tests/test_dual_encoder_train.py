@@ -5,9 +5,6 @@ features with gradients (open_clip's gather_with_grad), checked against one proc
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +15,8 @@ import splice
 from splice import synthetic
 from splice.kinds.dual_encoder import retrieval_figures
 from splice.train import TrainConfig, train
+
+from multiprocess import train_one_and_two
 
 # Tiny and without dropout: splitting a batch over processes changes nothing but float rounding.
 SPEC = {
@@ -149,22 +148,10 @@ def test_two_processes_gather_features_and_match_one(tmp_path, spec_file):
     """torchrun with 2 CPU processes (gloo), each with 4 of the 8 pairs, against 1 process with all 8: the same
     losses and weights. Without gathering, each process's loss would have 3 negatives per image instead of 7, so
     the losses (about ln 4 against ln 8 at the start) and the gradients would differ."""
-    from splice.cli import main
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    common = ["train", str(spec_file), "--data", "shapes", "--max-steps", "3", "--batch-size", "8", "--lr", "1e-3",
-              "--warmup-steps", "1", "--log-every", "1", "--threads", "1", "--no-progress", "--eval-size", "8"]
-    assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "splice.cli",
-         *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    two, (rows_one, rows_two), (a, b) = train_one_and_two(spec_file, tmp_path)
     assert "2 x cpu" in two.stdout and "micro-batch of 4" in two.stdout
-    rows_one, rows_two = _steps(tmp_path / "one"), _steps(tmp_path / "two")
     assert [r["step"] for r in rows_two] == [1, 2, 3]
     assert [r["loss"] for r in rows_two] == pytest.approx([r["loss"] for r in rows_one], abs=1e-5)
-    a = splice.load(tmp_path / "one" / "model").state_dict()
-    b = splice.load(tmp_path / "two" / "model").state_dict()
     # a key bias adds the same number to every key of a query, which softmax ignores: its gradient is 0 but for
     # rounding noise, which Adam scales up to a full step, differently in each run; every other weight must agree
     for name in a:

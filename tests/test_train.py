@@ -17,6 +17,8 @@ import torch
 import splice
 from splice.train import TrainConfig, lr_at, read_checkpoint, train
 
+from multiprocess import train_one_and_two
+
 # Tiny: trains a step in milliseconds. Dropout stays on (GPT-2's default 0.1) so resume must restore the RNG.
 SPEC = {
     "encoder": {"name": "vit", "config": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2,
@@ -229,22 +231,10 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, spec_file, capsys):
 
 def test_two_processes_match_one(tmp_path, spec_file):
     """torchrun with 2 CPU processes (gloo) vs 1 process, same global batch: the same losses."""
-    from splice.cli import main
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    common = ["train", str(spec_file), "--data", "shapes", "--max-steps", "3", "--batch-size", "8", "--lr", "1e-3",
-              "--warmup-steps", "1", "--log-every", "1", "--threads", "1", "--no-progress", "--eval-size", "8"]
-    assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "splice.cli",
-         *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    two, (rows_one, rows_two), (a, b) = train_one_and_two(spec_file, tmp_path)
     assert "2 x cpu" in two.stdout and two.stdout.count("stopped at step 3") == 1  # rank 0 alone reports
-    rows_one, rows_two = _steps(tmp_path / "one"), _steps(tmp_path / "two")
     assert [r["step"] for r in rows_two] == [1, 2, 3]
     assert [r["loss"] for r in rows_two] == pytest.approx([r["loss"] for r in rows_one], abs=1e-5)
-    a = splice.load(tmp_path / "one" / "model").state_dict()
-    b = splice.load(tmp_path / "two" / "model").state_dict()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
 

@@ -39,11 +39,11 @@ SPEC = {
 RECIPE = dict(batch_size=128, lr=1e-3, warmup_steps=50, schedule="cosine", weight_decay=0.01, grad_clip=1.0)
 
 
-def bundled_spec() -> str | dict:
-    """examples/demo-captioner.yaml from a source checkout, else the same spec built in."""
-    path = Path(__file__).resolve().parents[2] / "examples" / "demo-captioner.yaml"
+def bundled_spec(example: str = "demo-captioner.yaml", built_in: dict | None = None) -> str | dict:
+    """examples/<example> from a source checkout, else the same spec built in (``SPEC`` by default)."""
+    path = Path(__file__).resolve().parents[2] / "examples" / example
     if not path.is_file():
-        return dict(SPEC)
+        return dict(built_in or SPEC)
     try:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
@@ -60,30 +60,30 @@ def check_settings(*, minutes: Any, threads: Any, seed: Any, out: Any, recipe: d
     return [dataclasses.replace(p, path=names[p.path]) for p in config.problems() if p.path in names]
 
 
-def clear_outputs(out_dir: Path) -> None:
-    """What an earlier demo run wrote into ``out_dir`` (a second run replaces the first)."""
+def prepare(spec: str | dict, out: str, *, minutes: Any, threads: Any, seed: Any, recipe: dict) -> tuple[Any, Path]:
+    """Check a demo's settings, set the threads, and clear what an earlier run wrote into ``out`` (a second run
+    replaces the first): (the spec, the output folder)."""
+    problems = check_settings(minutes=minutes, threads=threads, seed=seed, out=out, recipe=recipe)
+    if problems:
+        raise InputError(problems, source="the demo settings")
+    if threads:
+        torch.set_num_threads(threads)
+    out_dir = Path(out)
     for name in ("checkpoint", "model", "images", "metrics.jsonl", "captions.png", "classified.png"):
         p = out_dir / name
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return spec, out_dir
 
 
 def run(spec: str | dict | None = None, out: str = "out/demo", *, minutes: float = 5.0, threads: int | None = 2,
         seed: int = 0, target: float = TARGET, eval_size: int = 500, progress: bool = True) -> int:
     """Train, evaluate, save, reload, caption, draw. Returns 0 (the accuracy is reported, not enforced)."""
-    import splice
     from splice.synthetic import ShapesData
     from splice.train import TrainConfig, train
     from splice.train.progress import clock
 
-    problems = check_settings(minutes=minutes, threads=threads, seed=seed, out=out)
-    if problems:
-        raise InputError(problems, source="the demo settings")
     t_start = time.perf_counter()
-    if threads:
-        torch.set_num_threads(threads)
-    spec = spec or bundled_spec()
-    out_dir = Path(out)
-    clear_outputs(out_dir)
+    spec, out_dir = prepare(spec or bundled_spec(), out, minutes=minutes, threads=threads, seed=seed, recipe=RECIPE)
 
     model = _compose(spec, seed)
     where = spec if isinstance(spec, str) else "the built-in demo spec"
@@ -98,11 +98,7 @@ def run(spec: str | dict | None = None, out: str = "out/demo", *, minutes: float
 
     data = ShapesData.for_model(model, seed=seed)
     _report_accuracy(model, data, eval_size, target)
-    saved = out_dir / "model"
-    loaded = splice.load(saved)
-    files = ", ".join(sorted(p.name for p in saved.iterdir()))
-    print(f"saved {saved}/ ({files}) and loaded it back")
-    _caption_heldout(loaded, data, out_dir)
+    _caption_heldout(reload_saved(out_dir), data, out_dir)
     print(f"done in {clock(time.perf_counter() - t_start)}")
     return 0
 
@@ -139,12 +135,7 @@ def _caption_heldout(loaded, data, out_dir: Path) -> None:
     from splice.caption import caption
 
     images = out_dir / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    held = data.heldout(GRID)
-    paths = []
-    for i, s in enumerate(held):
-        paths.append(images / f"heldout-{i:02d}.png")
-        Image.fromarray(s.image).save(paths[-1])
+    held, paths = write_heldout(data, images)
     caps = caption(loaded, paths, batch_size=GRID, max_new_tokens=12)
     rows = [(str(p), c.text or "", s.caption) for p, c, s in zip(paths, caps, held)]
     right = sum(pred == ref for _, pred, ref in rows)
@@ -155,6 +146,29 @@ def _caption_heldout(loaded, data, out_dir: Path) -> None:
     grid = out_dir / "captions.png"
     draw_grid([Image.open(p).convert("RGB") for p in paths], [(pred, ref) for _, pred, ref in rows], grid)
     print(f"grid: {grid}")
+
+
+def reload_saved(out_dir: Path):
+    """The model the training run saved in ``out_dir/model``, loaded back (and said so)."""
+    import splice
+
+    saved = out_dir / "model"
+    loaded = splice.load(saved)
+    files = ", ".join(sorted(p.name for p in saved.iterdir()))
+    print(f"saved {saved}/ ({files}) and loaded it back")
+    return loaded
+
+
+def write_heldout(data, images: Path) -> tuple[list, list[Path]]:
+    """The first ``GRID`` held-out samples, and the PNG files they are written to in ``images``."""
+    from PIL import Image
+
+    images.mkdir(parents=True, exist_ok=True)
+    held = data.heldout(GRID)
+    paths = [images / f"heldout-{i:02d}.png" for i in range(len(held))]
+    for sample, path in zip(held, paths):
+        Image.fromarray(sample.image).save(path)
+    return held, paths
 
 
 def _font(size: int):

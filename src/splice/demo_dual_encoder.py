@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from splice.core.errors import InputError
-from splice.demo import GRID, check_settings, clear_outputs, draw_grid
+from splice import demo
+from splice.demo import draw_grid, write_heldout
 from splice.train.progress import clock
 
 TARGET = 0.90  # image->text recall@1 on the held-out images
@@ -41,13 +42,7 @@ RECIPE = dict(batch_size=128, lr=1e-3, warmup_steps=50, schedule="cosine", weigh
 
 def bundled_spec() -> str | dict:
     """examples/demo-dual-encoder.yaml from a source checkout, else the same spec built in."""
-    path = Path(__file__).resolve().parents[2] / "examples" / "demo-dual-encoder.yaml"
-    if not path.is_file():
-        return dict(SPEC)
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    return demo.bundled_spec("demo-dual-encoder.yaml", SPEC)
 
 
 def run(spec: str | dict | None = None, out: str = "out/demo-dual-encoder", *, minutes: float = 5.0,
@@ -58,15 +53,9 @@ def run(spec: str | dict | None = None, out: str = "out/demo-dual-encoder", *, m
     from splice.synthetic import ShapesData, build_tokenizer
     from splice.train import TrainConfig, train
 
-    problems = check_settings(minutes=minutes, threads=threads, seed=seed, out=out, recipe=RECIPE)
-    if problems:
-        raise InputError(problems, source="the demo settings")
     t_start = time.perf_counter()
-    if threads:
-        torch.set_num_threads(threads)
-    spec = spec or bundled_spec()
-    out_dir = Path(out)
-    clear_outputs(out_dir)
+    spec, out_dir = demo.prepare(spec or bundled_spec(), out, minutes=minutes, threads=threads, seed=seed,
+                                 recipe=RECIPE)
     model = splice.compose(spec, seed=seed)
     if getattr(model, "get_image_features", None) is None:
         raise InputError(f"--spec: {spec if isinstance(spec, str) else 'the spec'} is not a dual encoder\n"
@@ -84,11 +73,7 @@ def run(spec: str | dict | None = None, out: str = "out/demo-dual-encoder", *, m
           flush=True)
     data = ShapesData.for_model(model, seed=seed)
     report(model.evaluate_training(data, n=eval_size, batch_size=100, precision="fp32"), target)
-    saved = out_dir / "model"
-    loaded = splice.load(saved)
-    files = ", ".join(sorted(p.name for p in saved.iterdir()))
-    print(f"saved {saved}/ ({files}) and loaded it back")
-    classify_heldout(loaded, data, out_dir)
+    classify_heldout(demo.reload_saved(out_dir), data, out_dir)
     print(f"done in {clock(time.perf_counter() - t_start)}")
     return 0
 
@@ -115,12 +100,7 @@ def classify_heldout(loaded, data, out_dir: Path) -> None:
     from splice.zero_shot import classify
 
     images = out_dir / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    held = data.heldout(GRID)
-    paths = []
-    for i, s in enumerate(held):
-        paths.append(images / f"heldout-{i:02d}.png")
-        Image.fromarray(s.image).save(paths[-1])
+    held, paths = write_heldout(data, images)
     results = classify(loaded, paths, data.caption_set(), template="{}")
     rows = [(r.label or "", s.caption) for r, s in zip(results, held)]
     right = sum(pred == ref for pred, ref in rows)
