@@ -51,6 +51,7 @@ from splice.plugins._shared import bounded_int
 __all__ = [
     "BertConfig", "BertDecoder", "BertEmbeddings", "BertSelfAttention", "BertMLP", "BertLayer", "BertLMHead",
     "BertPooler", "BertTextEncoder", "HFLayout", "build_bert", "build_bert_text_encoder", "config_from_hf",
+    "encoder_layer_rows",
     "config_to_hf", "state_dict_from_hf", "state_dict_to_hf", "HF", "ENCODER_HF", "TINY",
 ]
 
@@ -418,7 +419,7 @@ class HFLayout:
         d = self.dims(hf)
         D, I = d["hidden_size"], d["intermediate_size"]
         table = self.embedding_rows(d)
-        layer = [row for row in _layer_rows(D, I) if not row.ours[0].startswith("crossattention.")]
+        layer = encoder_layer_rows(D, I)
         for n in range(d["num_hidden_layers"]):
             table += [row.prefixed(f"encoder.layer.{n}.", f"layers.{n}.") for row in layer]
         return table + [Row("pooler.dense.weight", "pooler.dense.weight", (D, D)),
@@ -540,6 +541,12 @@ def _layer_rows(D: int, I: int) -> list[Row]:
                                  ("output.LayerNorm", "mlp.norm", (D,))):
         rows += [Row(f"{hf_name}.weight", f"{ours}.weight", shape), Row(f"{hf_name}.bias", f"{ours}.bias", shape[:1])]
     return rows
+
+
+def encoder_layer_rows(D: int, I: int) -> list[Row]:
+    """One text-encoder layer's rows (no cross-attention), names relative to ``encoder.layer.N.`` / ``layers.N.``
+    (VisualBERT's ``additional_layer`` is one such layer)."""
+    return [row for row in _layer_rows(D, I) if not row.ours[0].startswith("crossattention.")]
 
 
 def _hf_name(key: str, prefix: str) -> str:
