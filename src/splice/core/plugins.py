@@ -57,6 +57,7 @@ BUILTIN_PLUGINS = (
     "splice.adapters.projection",
     "splice.kinds.encoder_decoder",
     "splice.kinds.dual_encoder",
+    "splice.kinds.single_stream",
 )
 _HOOKS = {
     "register_encoders": "encoder",
