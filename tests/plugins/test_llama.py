@@ -353,6 +353,9 @@ def test_encoder_decoder_through_adapters(adapter, tmp_path):
     out.loss.backward()
     assert torch.isfinite(out.loss) and slot.k_proj.weight.grad.abs().sum() > 0
     assert model.decoder.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # one training step lowers the loss on its batch
+    with torch.no_grad():
+        assert model(pixel_values=px, labels=labels).loss < out.loss
     model.eval()
     model.save_pretrained(tmp_path / "m")
     loaded = splice.load(tmp_path / "m")
