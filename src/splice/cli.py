@@ -178,6 +178,12 @@ def _cmd_embed(args) -> int:
     return run_embed(args.model, images=args.images, texts=args.texts, out=args.out)
 
 
+def _cmd_vqa(args) -> int:
+    from splice.vqa import run_cli
+
+    return run_cli(args.model, [args.image], args.question, top_k=args.top_k, as_json=args.json)
+
+
 def _cmd_schema(args) -> int:
     import splice
 
@@ -309,6 +315,14 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--texts", nargs="+")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.set_defaults(fn=_cmd_embed)
+
+    p = sub.add_parser("vqa", help="answer a question about an image, with a single-stream model with a vqa head")
+    p.add_argument("model")
+    p.add_argument("image")
+    p.add_argument("question")
+    p.add_argument("--top-k", type=int, default=5, help="answers to show, best first")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_vqa)
 
     p = sub.add_parser("schema", help="JSON Schema of the composition spec")
     p.add_argument("--kind", default=None, help="a composition kind (`splice list --kind kind`); default encoder-decoder")
