@@ -32,7 +32,8 @@ from splice.core.cache import KVCache
 from splice.core.errors import InputError, Problem
 from splice.core.inputs import check_mask, check_token_ids, input_error
 
-__all__ = ["GENERATION_OPTIONS", "GenerationOptions", "GenerationSettings", "KVCache", "generate", "resolve_settings"]
+__all__ = ["GENERATION_OPTIONS", "GenerationOptions", "GenerationSettings", "KVCache", "generate", "generate_from_prompt",
+           "resolve_settings"]
 
 _NEG = -1.0e9  # transformers' "impossible" beam score
 
@@ -248,12 +249,14 @@ class GenerationSettings:
     forced_eos: list[int] | None = None  # the token(s) forced as the last one when max_length is reached
 
 
-def resolve_settings(model, options: GenerationOptions | Mapping[str, Any], prompt_len: int) -> GenerationSettings:
+def resolve_settings(model, options: GenerationOptions | Mapping[str, Any], prompt_len: int,
+                     decoder: Any = None) -> GenerationSettings:
     """The settings of one call: ``options`` (explicit), over ``model.generation_defaults``, ``model.tokens`` and
     transformers' defaults, every value checked (``InputError`` with what was given, what is expected, and the
-    fix), token ids against the decoder's vocabulary."""
+    fix), token ids against the vocabulary of ``decoder`` (default: ``model.decoder``)."""
     s = _with_defaults(model, options).resolve(prompt_len, getattr(model, "tokens", None))
-    _fit_vocabulary(s, getattr(getattr(model, "decoder", None), "vocab_size", None))
+    decoder = getattr(model, "decoder", None) if decoder is None else decoder
+    _fit_vocabulary(s, getattr(decoder, "vocab_size", None))
     return s
 
 
@@ -461,7 +464,7 @@ def generate(
 
     # -- the image context: the encoder runs once per image
     context = model.context(model.encoder_hidden(pixel_values, encoder_outputs))  # (B, N, D_ctx)
-    B, device = context.shape[0], context.device
+    device = context.device
 
     # -- the decoder prompt and the settings, all checked before anything is allocated
     start = _start_token(model, options.decoder_start_token_id, getattr(model, "generation_defaults", None) or {})
@@ -471,9 +474,38 @@ def generate(
     generator = _generator(generator, seed, device)
     _fit_positions(s, model.decoder, options)
     _fit_memory(s, model.decoder, context)
+    return _decode(s, model.decoder, prompt, prompt_mask, context, generator)
+
+
+@_outside_inference_mode
+def generate_from_prompt(model, decoder, prompt: Tensor, prompt_mask: Tensor | None,
+                         prefill: Callable[[KVCache], Tensor], *, generator: torch.Generator | None = None,
+                         seed: int | None = None, **options: Any) -> Tensor:
+    """Decoding for a decoder-only model whose first step is its own (the prefix-LM kind: the image features
+    spliced into the prompt's embeddings): (B * num_return_sequences, P + new) token ids, the prompt first.
+
+    ``prompt`` (B, P) are the prompt's token ids, checked by the caller, left-padded as ``prompt_mask`` (B, P)
+    says (None: no padding); ``prefill(cache)`` runs the whole prompt through ``decoder`` once per row, filling
+    ``cache`` (a ``KVCache`` of ``len(decoder.layer_specs())`` layers), and returns the next-token logits (B, V).
+    Every later step feeds ``decoder`` one token per row with the cache, as ``generate`` does. The options are
+    ``generate``'s (over ``model.generation_defaults`` and ``model.tokens``), checked the same way; the image
+    positions are part of the prompt, so ``max_length`` counts them."""
+    options = _with_defaults(model, GenerationOptions.from_mapping(options))
+    s = resolve_settings(model, options, prompt.shape[1], decoder)
+    generator = _generator(generator, seed, prompt.device)
+    _fit_positions(s, decoder, options)
+    home = next((p for p in decoder.parameters() if p.is_floating_point()), None)
+    _fit_memory(s, decoder, prompt.new_empty((prompt.shape[0], 0), dtype=home.dtype if home is not None else None))
+    return _decode(s, decoder, prompt, prompt_mask, None, generator, first=prefill)
+
+
+def _decode(s: GenerationSettings, decoder, prompt: Tensor, prompt_mask: Tensor | None, context: Tensor | None,
+            generator: torch.Generator | None, first: Callable[[KVCache], Tensor] | None = None) -> Tensor:
+    """The prompt run once (``first``, else ``decoder`` on the ids), then the search the settings ask for."""
+    B = prompt.shape[0]
     if B == 0:  # nothing to decode: the empty prompt, as wide as it is
         return prompt
-    prompt, logits, step, processors = _prefill(model.decoder, s, prompt, prompt_mask, context)
+    prompt, logits, step, processors = _prefill(decoder, s, prompt, prompt_mask, context, first)
     if s.num_beams > 1:
         return _beam_search(s, prompt, logits, step, processors, generator, B)
     return _greedy_or_sample(s, prompt, logits, step, processors, generator)
@@ -579,20 +611,26 @@ def _free_memory(device: torch.device) -> int | None:
     return min(found) if found else None
 
 
-def _prefill(decoder, s: GenerationSettings, prompt: Tensor, prompt_mask: Tensor | None, context: Tensor):
-    """Run the prompt once per image, then repeat its cache for the beams / returned samples.
+def _prefill(decoder, s: GenerationSettings, prompt: Tensor, prompt_mask: Tensor | None, context: Tensor | None,
+             first: Callable[[KVCache], Tensor] | None = None):
+    """Run the prompt once per image (``first(cache)`` when given: the caller's own first step), then repeat its
+    cache for the beams / returned samples.
 
     Returns the (N, P) prompts, their next logits (N, V), ``step`` (the next logits after more tokens) and the
     logits processors."""
     P = prompt.shape[1]
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
     cache = KVCache(len(decoder.layer_specs()), s.max_length)
-    out = decoder(prompt, context=context, attention_mask=prompt_mask, cache=cache)
-    logits = out.logits[:, -1].contiguous()  # (B, V); a copy when P > 1, so the prompt's logits can go
-    del out
+    if first is not None:
+        logits = first(cache).contiguous()  # (B, V)
+    else:
+        out = decoder(prompt, context=context, attention_mask=prompt_mask, cache=cache)
+        logits = out.logits[:, -1].contiguous()  # (B, V); a copy when P > 1, so the prompt's logits can go
+        del out
     if expand > 1:
         cache.repeat_interleave(expand)
-        context = context.repeat_interleave(expand, dim=0)  # (B*e, N, D) for decoders that re-read it
+        if context is not None:
+            context = context.repeat_interleave(expand, dim=0)  # (B*e, N, D) for decoders that re-read it
         logits = logits.repeat_interleave(expand, dim=0)  # (B*e, V)
         prompt = prompt.repeat_interleave(expand, dim=0)
         if prompt_mask is not None:

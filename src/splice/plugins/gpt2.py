@@ -19,14 +19,15 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from splice import hookimpl
 from splice.adapters.cross_attention import STANDARD_PARAMS
 from splice.core.kernels import Linear, dropout, linear
-from splice.core.errors import ConfigError, Problem
-from splice.core.interfaces import HFInterop
+from splice.core.errors import ConfigError, InputError, Problem
+from splice.core.interfaces import DecoderOutput, HFInterop
 from splice.core.keymap import DUPLICATE, Row, from_hf, to_hf
 from splice.core.cache import context_kv
 from splice.plugins._shared import ACTIVATION_FNS, NativeDecoder, attention, normal_init
@@ -166,6 +167,7 @@ class GPT2Decoder(NativeDecoder):
         self.h = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(n_embd, eps=layer_norm_epsilon)
         self.lm_head = None if tie_word_embeddings else Linear(n_embd, vocab_size, bias=False)
+        self._inputs_embeds: Tensor | None = None  # set during a forward given inputs_embeds
         self.reset_parameters()
 
     @property
@@ -179,9 +181,31 @@ class GPT2Decoder(NativeDecoder):
             for proj in (block.attn.c_proj, block.mlp.c_proj):
                 nn.init.normal_(proj.weight, std=self.initializer_range / math.sqrt(2 * len(self.h)))
 
+    def forward(self, input_ids: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None, attention_mask: Tensor | None = None, cache: Any = None,
+                position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> DecoderOutput:
+        """``NativeDecoder.forward``; or, with ``inputs_embeds`` (B, T, D) instead of ids (the prefix-LM kind
+        splices image features into the prompt's token embeddings, from ``wte``), the same with those embeddings
+        in place of ``wte(input_ids)`` (the positions are still added, as transformers' GPT2 does)."""
+        if inputs_embeds is None:
+            return super().forward(input_ids, context, context_mask, attention_mask, cache, position_ids)
+        E = inputs_embeds
+        if input_ids is not None or E.dim() != 3 or E.shape[-1] != self.hidden_size or not E.is_floating_point():
+            raise InputError(
+                f"GPT2: pass input_ids (B, T) or inputs_embeds (B, T, {self.hidden_size}), exactly one; given "
+                f"{'both' if input_ids is not None else f'inputs_embeds {E.dtype} {tuple(E.shape)}'}; fix: pass "
+                "floating-point embeddings as wide as n_embd (decoder.wte(ids) gives them for token ids)")
+        self._inputs_embeds = E
+        try:  # zeros stand in for the ids: the base class reads only their shape and device
+            return super().forward(E.new_zeros(E.shape[:2], dtype=torch.long), context, context_mask, attention_mask,
+                                   cache, position_ids)
+        finally:
+            self._inputs_embeds = None
+
     def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         # positions count from the past whatever the padding (left padding shifts them), like transformers
-        return dropout(self.wte(input_ids) + self.wpe(position_ids), self.embd_pdrop, self.training)  # (B, T, D)
+        tokens = self.wte(input_ids) if self._inputs_embeds is None else self._inputs_embeds  # (B, T, D)
+        return dropout(tokens + self.wpe(position_ids), self.embd_pdrop, self.training)  # (B, T, D)
 
     def output(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self.ln_f(x)  # (B, T, D)
