@@ -57,6 +57,7 @@ BUILTIN_PLUGINS = (
     "splice.adapters.projection",
     "splice.kinds.encoder_decoder",
     "splice.kinds.dual_encoder",
+    "splice.kinds.prefix_lm",
     "splice.kinds.single_stream",
 )
 _HOOKS = {
