@@ -49,7 +49,7 @@ from splice.core.meta import params_on_meta
 from splice.core.models import CaptionEncoding, ComposedModel
 from splice.core.plugins import get_registry
 from splice.core.roles import check_output_width
-from splice.core.spec import ComponentSpec, ProjectionSpec
+from splice.core.spec import ComponentSpec, CompositionSpec, ProjectionSpec
 from splice.core.visual_bert_format import (ARCHITECTURES, MODEL_TYPE, export_visual_bert, spec_from_visual_bert_config,
                                             split_visual_bert_state)
 from splice.plugins.bert import BertLayer, BertLMHead, BertTextEncoder
@@ -100,13 +100,8 @@ class SingleStreamSpec(BaseModel):
     def head_spec(self) -> HeadSpec:
         return HeadSpec(kind=self.head) if isinstance(self.head, str) else self.head
 
-    @property
-    def projection_kind(self) -> str:
-        return self.projection if isinstance(self.projection, str) else self.projection.kind
-
-    @property
-    def projection_config(self) -> dict:
-        return {} if isinstance(self.projection, str) else dict(self.projection.config)
+    projection_kind = CompositionSpec.projection_kind  # read `projection` as the encoder-decoder spec does
+    projection_config = CompositionSpec.projection_config
 
 
 @dataclass
