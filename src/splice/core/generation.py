@@ -32,8 +32,8 @@ from splice.core.cache import KVCache
 from splice.core.errors import InputError, Problem
 from splice.core.inputs import check_mask, check_token_ids, input_error
 
-__all__ = ["GENERATION_OPTIONS", "GenerationOptions", "GenerationSettings", "KVCache", "generate", "generate_from_prompt",
-           "resolve_settings"]
+__all__ = ["GENERATION_OPTIONS", "GenerationOptions", "GenerationSettings", "KVCache", "generate",
+           "generate_from_prompt", "resolve_settings"]
 
 _NEG = -1.0e9  # transformers' "impossible" beam score
 

@@ -227,10 +227,9 @@ def _export_blockers(model, entries: dict) -> list[str]:
     if entries["language"].name != "llama":
         blockers.append(f"language {entries['language'].name!r} (the export writes LLaMA-family language models, "
                         "LLaVA's and VipLlava's)")
-    for role, entry in entries.items():
-        if entry.hf is None or entry.hf.config_to_hf is None or entry.hf.state_dict_to_hf is None:
-            blockers.append(f"{role} {entry.name!r} has no transformers counterpart")
-    return blockers
+    return blockers + [f"{role} {entry.name!r} has no transformers counterpart" for role, entry in entries.items()
+                       if None in (entry.hf, getattr(entry.hf, "config_to_hf", None),
+                                   getattr(entry.hf, "state_dict_to_hf", None))]
 
 
 def _export_config(model, subs: dict) -> dict:

@@ -160,14 +160,6 @@ class PrefixLMSpec(BaseModel):
     chat_template: str | None = Field(None, max_length=200_000, description="the Jinja chat template the prompts "
                                       "are built with (read from a transformers folder; saved with the model)")
 
-    @property
-    def projector_kind(self) -> str:
-        return self.projector if isinstance(self.projector, str) else self.projector.kind
-
-    @property
-    def projector_config(self) -> dict:
-        return {} if isinstance(self.projector, str) else dict(self.projector.config)
-
 
 @dataclass
 class CausalLMOutput:
@@ -387,10 +379,11 @@ def validate(spec: PrefixLMSpec, source: str | None = None) -> PrefixLMPlan:
     problems = plan.problems
     vision = resolve_part("vision", spec.vision, problems, kind="encoder")
     language = resolve_part("language", spec.language, problems, kind="decoder")
-    name = spec.projector_kind
+    asked = spec.projector
+    name, config = (asked, {}) if isinstance(asked, str) else (asked.kind, dict(asked.config))
     if registry.has("projection", name):
         plan.projector = registry.get("projection", name)
-        plan.projector_config = checked_config(plan.projector, spec.projector_config, "projector.config", problems)
+        plan.projector_config = checked_config(plan.projector, config, "projector.config", problems)
     else:
         problems.append(unknown_problem("projection", name, registry.names("projection"), path="projector"))
     layers = spec.vision_feature_layers
@@ -411,9 +404,10 @@ def validate(spec: PrefixLMSpec, source: str | None = None) -> PrefixLMPlan:
 
 
 def assemble(plan: PrefixLMPlan) -> PrefixLMModel:
+    """The planned model with real weights; a build that fails raises its problems."""
     model = _build(plan)
-    plan.raise_for_problems()
-    assert model is not None
+    if model is None:
+        plan.raise_for_problems()
     return model
 
 
@@ -516,10 +510,6 @@ def _count(plan: PrefixLMPlan, model: PrefixLMModel) -> None:
         f"(tokens.image = {plan.spec.tokens.image})"]
 
 
-DESCRIPTION = ("a vision encoder's multi-layer features projected into the image-token slots of a language "
-               "model's prompt (LLaVA, VipLlava: visual question answering)")
-
-
 @splice.hookimpl
 def register_projections(register):
     register("llava", build_llava_projector, LlavaProjectorConfig, tiny={},
@@ -531,5 +521,6 @@ def register_projections(register):
 
 @splice.hookimpl
 def register_kinds(register):
-    register(Kind(name=KIND, spec_model=PrefixLMSpec, validate=validate, assemble=assemble,
-                  model_class=PrefixLMModel, formats=FORMATS, description=DESCRIPTION))
+    register(Kind(name=KIND, spec_model=PrefixLMSpec, validate=validate, assemble=assemble, model_class=PrefixLMModel,
+                  formats=FORMATS, description="a vision encoder's multi-layer features projected into the image-token "
+                  "slots of a language model's prompt (LLaVA, VipLlava: visual question answering)"))
