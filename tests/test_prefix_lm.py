@@ -48,7 +48,20 @@ def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(folder)
     (folder / "chat_template.jinja").write_text(TEMPLATE)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder)
+    _tokenizer().save(str(folder / "tokenizer.json"))
     return hf, splice.load(folder), CASES[request.param][1], folder
+
+
+def _tokenizer():
+    """A word-level tokenizer over the tiny vocabulary: <pad> <s> </s>, words w3..w97, <image>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, **{f"w{i}": i for i in range(3, IMAGE)}, "<image>": IMAGE}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
 
 
 def _prompts(n_image: int, lengths=(3, 5), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +88,8 @@ def test_folder_reads_as_the_transformers_config_says(pair):
                                              else hf.config.vision_feature_layer)
     assert model.tokens == TOKENS and model.image_seq_length == n_image
     assert model.chat_template == TEMPLATE
+    assert model.tokenizer.token_to_id("<image>") == IMAGE
+    assert model.image_processor.size == {"shortest_edge": 32} and model.image_processor.do_center_crop
     assert not model.loading_report.missing and not model.loading_report.unexpected
 
 
@@ -116,6 +131,9 @@ def test_export_is_read_by_transformers(pair, tmp_path):
     hf, model, n_image, _ = pair
     splice.export_transformers(model, tmp_path / "out")
     assert (tmp_path / "out" / "chat_template.jinja").read_text() == TEMPLATE
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "out")
+    assert processor.size["shortest_edge"] == 32 and processor.crop_size["height"] == 32
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").convert_tokens_to_ids("<image>") == IMAGE
     again, info = type(hf).from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     ids, _ = _prompts(n_image, lengths=(4, 4))
