@@ -28,6 +28,15 @@ CASES = {"llava": ({}, 16), "vipllava": ({}, 16),
          "llava-full": ({"vision_feature_layer": [-1, 3], "vision_feature_select_strategy": "full"}, 17)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: on a shared machine, thread hand-offs cost far more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _hf_model(case: str):
     kind = case.split("-")[0]
     extra, _ = CASES[case]
@@ -219,7 +228,8 @@ def test_defaults_and_summary():
 def test_spec_problems_name_the_field():
     from splice.core.plugins import get_registry
 
-    assert "tokens.image" in _problems(_spec(tokens={"pad": PAD}))
+    both = _problems(_spec(tokens={"pad": PAD}, vision_feature_layers=[-2, 11]))  # every problem at once
+    assert {"tokens.image", "vision_feature_layers"} <= set(both), both
     assert "tokens.image" in _problems(_spec(tokens={**TOKENS, "image": 500}))
     assert "tokens.pad" in _problems(_spec(tokens={**TOKENS, "pad": IMAGE}))
     swin = {"name": "swin", "config": get_registry().get("encoder", "swin").tiny}

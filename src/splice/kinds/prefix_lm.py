@@ -237,7 +237,7 @@ class PrefixLMModel(ComposedModel):
         """Image tokens a prompt holds per image (the features of one image), from one blank image's forward."""
         if self._image_seq_length is None:
             pre = self.vision.preprocessing
-            blank = torch.zeros(1, pre.in_chans, *pre.image_size, device=home_tensor(self.projector).device)
+            blank = torch.zeros(1, pre.in_chans, *pre.image_size, device=home_tensor(self).device)
             with torch.no_grad():
                 self._image_seq_length = int(self.image_features(blank).shape[1])
         return self._image_seq_length
@@ -392,8 +392,8 @@ def validate(spec: PrefixLMSpec, source: str | None = None) -> PrefixLMPlan:
         problems.append(Problem("tokens.image", "missing: the prompt's image placeholder id", expected="the id of "
                                 "the image token in the language model's vocabulary (LLaVA's <image>: 32000)",
                                 fix="add `tokens: {image: <id>}` to the spec"))
-    if vision is None or language is None or problems:
-        return plan
+    if vision is None or language is None or plan.projector_config is None:
+        return plan  # nothing to build
     plan.parts.extend((vision, language))
     with params_on_meta():
         model = _build(plan, check=True)
