@@ -325,3 +325,18 @@ def test_gpt2_language_model_composes_trains_and_generates(tmp_path):
     assert out.shape == (2, ids.shape[1] + 4) and torch.equal(out[:, : ids.shape[1]], ids)
     with pytest.raises(SpliceError, match="language"):
         splice.export_transformers(model, tmp_path / "export")
+
+
+def test_training_batch_and_generate_need_the_prompt():
+    model = splice.compose(_spec(), seed=0)
+    source = _Source(model.image_seq_length)
+    batch = source.get(range(2))
+    assert model.training_weight(batch) == 2 * 3  # two answer tokens and EOS per row, after the shift
+    expected = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"]).loss * 6
+    assert torch.allclose(model.training_loss_sum(model, batch), expected)
+    with pytest.raises(InputError, match=r"batch\['input_ids'\]"):
+        model.training_loss_sum(model, {**batch, "input_ids": None})
+    with pytest.raises(InputError, match="labels"):
+        model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"][:, 1:])
+    with pytest.raises(InputError, match="input_ids"):
+        model.generate(pixel_values=batch["pixel_values"])
