@@ -13,6 +13,10 @@ penalty, ``early_stopping`` heuristics). What differs is the plumbing:
 * the self-attention cache is preallocated and reordered in place between two buffers;
 * the output is one preallocated buffer, written one column per step (no ``torch.cat``);
 * the processors work in place, without vocabulary-sized masks where a scatter does the job.
+
+``generate_from_prompt`` runs the same loops for a decoder-only model whose first step is its own (the prefix-LM
+kind: the image features spliced into the prompt's embeddings fill the cache; the later steps feed one token at a
+time).
 """
 
 from __future__ import annotations
