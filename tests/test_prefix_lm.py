@@ -340,3 +340,17 @@ def test_training_batch_and_generate_need_the_prompt():
         model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"][:, 1:])
     with pytest.raises(InputError, match="input_ids"):
         model.generate(pixel_values=batch["pixel_values"])
+
+
+def test_warm_start_from_a_clip_tower_and_a_llama(tmp_path):
+    """LLaVA's recipe: a pretrained CLIP vision tower and a pretrained LM, a new projector between them."""
+    clip = perturb(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP_TINY)), seed=2)
+    llama = perturb(transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_TINY)), seed=3)
+    clip.save_pretrained(tmp_path / "clip")
+    llama.save_pretrained(tmp_path / "llama")
+    model = splice.compose(_spec(vision={"name": "clip_vision", "pretrained": str(tmp_path / "clip")},
+                                 language={"name": "llama", "pretrained": str(tmp_path / "llama")},
+                                 freeze=["vision", "language"]), strict=True)
+    assert torch.equal(model.vision.embeddings.class_embedding, clip.embeddings.class_embedding)
+    assert torch.equal(model.language.lm_head.weight, llama.lm_head.weight)
+    assert {n.split(".")[0] for n in model.loading_report.initialised} == {"projector"}
