@@ -354,3 +354,24 @@ def test_warm_start_from_a_clip_tower_and_a_llama(tmp_path):
     assert torch.equal(model.vision.embeddings.class_embedding, clip.embeddings.class_embedding)
     assert torch.equal(model.language.lm_head.weight, llama.lm_head.weight)
     assert {n.split(".")[0] for n in model.loading_report.initialised} == {"projector"}
+
+
+@pytest.mark.parametrize("kind", ["llava", "vipllava"])
+def test_tied_text_config(tmp_path, kind):
+    """LLaVA takes the text config's tie_word_embeddings; VipLlava reads the top level only (transformers 5.24:
+    a VipLlava over a tied LLaMA config keeps an untied head), and splice follows each."""
+    cls, config_cls = {"llava": (transformers.LlavaForConditionalGeneration, transformers.LlavaConfig),
+                       "vipllava": (transformers.VipLlavaForConditionalGeneration, transformers.VipLlavaConfig)}[kind]
+    text = transformers.LlamaConfig(**LLAMA_TINY, tie_word_embeddings=True).to_dict()
+    config = config_cls(vision_config=transformers.CLIPVisionConfig(**CLIP_TINY).to_dict(), text_config=text,
+                        image_token_index=IMAGE)
+    hf = perturb(cls(config), seed=4)
+    hf.save_pretrained(tmp_path / "hf")
+    model = splice.load(tmp_path / "hf")
+    assert (model.language.lm_head is None) == (kind == "llava")
+    ids, _ = _prompts(16, lengths=(4, 4))
+    with torch.no_grad():
+        assert (model(ids, _pixels(2)).logits - hf(input_ids=ids, pixel_values=_pixels(2)).logits).abs().max() < 1e-4
+    splice.export_transformers(model, tmp_path / "out")
+    again = cls.from_pretrained(tmp_path / "out")
+    assert again.config.tie_word_embeddings == (kind == "llava")
