@@ -14,6 +14,7 @@ import transformers
 import splice
 from splice.core.errors import CheckpointError, ConfigError, InputError
 from splice.core.plugins import get_registry
+from splice.demo_vqa import build_tokenizer
 from splice.kinds.single_stream import SingleStreamModel
 
 from oracle import perturb
@@ -260,26 +261,6 @@ def test_input_errors_name_the_input():
 # -- using it -------------------------------------------------------------------------------------------------
 
 
-def _vqa_words() -> list[str]:
-    from splice import synthetic
-
-    return ["what", "colour", "shape", "is", "it"] + synthetic.words()
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, processors
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-
-    special = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(special + _vqa_words())}, unk_token="[UNK]"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    tok.add_special_tokens(special)
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1),
-                                                                                               ("[SEP]", 2)])
-    return tok
-
-
 def _vqa_jsonl(path, n: int, seed: int = 0):
     """``n`` shapes images, each asked its single shape's colour."""
     from PIL import Image
@@ -301,7 +282,7 @@ def _vqa_model(labels=None):
     vit = {"name": "vit", "config": dict(REGISTRY.get("encoder", "vit").tiny)}
     head = {"kind": "vqa", "num_labels": 6, **({"labels": labels} if labels else {})}
     model = splice.compose(_spec(head, vision=vit), seed=0)
-    model.tokenizer = _tokenizer()
+    model.tokenizer = build_tokenizer()  # the demo's question words
     return model
 
 
@@ -357,3 +338,29 @@ def test_splice_train_reads_question_answer_rows(tmp_path):
     assert main(["train", str(tmp_path / "m"), "--data", str(data), "--out", str(tmp_path / "run"),
                  "--max-steps", "2", "--batch-size", "4", "--no-progress"]) == 0
     assert splice.load(tmp_path / "run" / "model").answer_labels == model.answer_labels
+
+
+def test_demo_questions_are_answered_by_their_images():
+    """The demo's synthetic VQA source: every answer is in the vocabulary and true of the image drawn."""
+    import numpy as np
+
+    from splice import demo_vqa, synthetic
+
+    model = splice.compose(demo_vqa.SPEC, seed=0)
+    model.tokenizer = demo_vqa.build_tokenizer()
+    data = demo_vqa.ShapesVQA.for_model(model)
+    for i in range(60):
+        s = synthetic.sample(0, synthetic.HELDOUT_STREAM, i, data.config)
+        q, answer, kind = demo_vqa.question(s, np.random.default_rng([0, 1, i, 17]))
+        assert answer in demo_vqa.ANSWERS and "[UNK]" not in data.tokenizer.encode(q).tokens
+        if kind == "where":
+            named = next(t for t in s.shapes if q.endswith(f"{t.colour} {t.kind}"))
+            other = next(t for t in s.shapes if t is not named)
+            dx, dy = named.x - other.x, named.y - other.y
+            assert answer == (("left" if dx < 0 else "right") if abs(dx) >= abs(dy) else
+                              ("above" if dy < 0 else "below"))
+    batch = next(iter(data.eval_batches(4, 4)))
+    assert batch["pixel_values"].shape == (4, 3, 64, 64) and batch["labels"].shape == (4,)
+    loss = model.training_loss_sum(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
