@@ -18,10 +18,10 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 # the test stack is pinned (constraints/test.txt: the transformers oracle and what the tests assert), so a fresh
 # machine tests against exactly what was tested; the runtime above stays unpinned, as it is for users
 $(VENV)/.test: $(VENV)/.runtime pyproject.toml constraints/test.txt tests/fixtures/splice_toyconv/pyproject.toml tests/fixtures/splice_tinyllama/pyproject.toml \
-              tests/fixtures/splice_classifier/pyproject.toml
+              tests/fixtures/splice_classifier/pyproject.toml tests/fixtures/splice_starter/pyproject.toml
 	$(BIN)/pip install -q -c constraints/test.txt -e ".[test]"
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e tests/fixtures/splice_toyconv -e tests/fixtures/splice_tinyllama \
-		-e tests/fixtures/splice_classifier
+		-e tests/fixtures/splice_classifier -e tests/fixtures/splice_starter
 	touch $@
 
 demo: $(VENV)/.runtime

@@ -16,7 +16,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def pytest_configure(config):
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    for dist, folder in (("splice-toyconv", "splice_toyconv"), ("splice-tinyllama", "splice_tinyllama")):
+    for dist, folder in (("splice-toyconv", "splice_toyconv"), ("splice-tinyllama", "splice_tinyllama"),
+                         ("splice-starter", "splice_starter")):
         try:
             importlib.metadata.distribution(dist)
         except importlib.metadata.PackageNotFoundError:
