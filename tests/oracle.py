@@ -3,6 +3,8 @@ transformers initialises biases to 0 and norms to 1, and random values make a wr
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import transformers
 
@@ -26,3 +28,11 @@ def tiny_ved(*, enc_width=48, dec_width=32, vocab=99, enc_layers=2, n_positions=
     cfg = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
     cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = tokens
     return perturb(transformers.VisionEncoderDecoderModel(config=cfg), seed, scale)
+
+
+def reads_context(entry) -> bool:
+    """Whether transformers' causal LM for this decoder family takes ``encoder_hidden_states`` (cross-attention):
+    a VisionEncoderDecoderModel can pair it. LLaMA's cannot (it swallows the argument and ignores the image)."""
+    model_type = entry.hf.config_to_hf(entry.config_cls(**entry.tiny).model_dump())["model_type"]
+    cls = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(transformers.AutoConfig.for_model(model_type))]
+    return "encoder_hidden_states" in inspect.signature(cls.forward).parameters

@@ -16,7 +16,7 @@ from splice.core.plugins import get_registry
 
 transformers = pytest.importorskip("transformers")
 
-from oracle import perturb  # noqa: E402
+from oracle import perturb, reads_context  # noqa: E402
 
 registry = get_registry()
 
@@ -26,7 +26,7 @@ def _hf_entries(kind):
 
 
 ENCODERS = _hf_entries("encoder")
-DECODERS = _hf_entries("decoder")
+DECODERS = [e for e in _hf_entries("decoder") if reads_context(e)]  # transformers can pair them
 
 
 def _hf_config(entry) -> "transformers.PretrainedConfig":

@@ -24,11 +24,14 @@ from splice.core.plugins import get_registry
 
 transformers = pytest.importorskip("transformers")
 
+from oracle import reads_context  # noqa: E402
+
 VOCAB, PAD = 24, 0
 START = VOCAB - 1
-DECODERS = [
+DECODERS = [  # every decoder transformers can pair with a vision encoder
     e.name for e in get_registry().entries("decoder")
     if e.hf is not None and getattr(e.hf, "config_to_hf", None) is not None and e.tiny is not None
+    and reads_context(e)
 ]
 assert "gpt2" in DECODERS
 
