@@ -87,17 +87,69 @@ def test_broken_plugins_are_reported_and_the_rest_work(tmp_path):
     assert _splice_cli(["validate", "vit-gpt2-tiny"], tmp_path).returncode == 0
 
 
-def test_duplicate_name_names_both_plugins(tmp_path, monkeypatch, fresh_registry):
+def test_duplicate_name_switches_off_that_name_only(tmp_path, monkeypatch, fresh_registry):
+    # dup_vit registers `vit` (the built-in's name) and `dup_enc` (its own): only `vit` is switched off
     _fake_dist(tmp_path, "dup_vit", "dup_vit_mod", """
         import splice
         from splice.plugins.timm_vision import ViTConfig, build_vit
         @splice.hookimpl
         def register_encoders(register):
             register("vit", build_vit, ViTConfig)
+            register("dup_enc", build_vit, ViTConfig)
     """)
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(splice.PluginError) as e:
-        build_registry()
-    assert "splice.plugins.timm_vision" in str(e.value) and "dup_vit" in str(e.value)
-    out = _splice_cli(["list"], tmp_path)
-    assert out.returncode == 1 and "registered twice" in out.stderr
+    registry, failures = build_registry()
+    assert not registry.has("encoder", "vit") and registry.has("encoder", "dup_enc") and registry.has("encoder", "deit")
+    clash = [f for f in failures if f.plugin == "dup_vit"]
+    assert len(clash) == 1 and "'splice.plugins.timm_vision' and 'dup_vit'" in clash[0].error
+    with pytest.raises(splice.PluginError, match="registered by plugin 'splice.plugins.timm_vision'"):
+        registry.get("encoder", "vit")
+
+    listed = _splice_cli(["list", "--json"], tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    data = json.loads(listed.stdout)
+    names = {c["name"] for c in data["components"] if c["kind"] == "encoder"}
+    assert "dup_enc" in names and "deit" in names and "vit" not in names
+    assert any("switched off" in f["error"] and f["plugin"] == "dup_vit" for f in data["plugin_failures"])
+    text = _splice_cli(["list"], tmp_path)
+    assert text.returncode == 0 and "encoder name 'vit' is registered by plugins" in text.stdout
+
+    other = tmp_path / "other.yaml"  # every other component validates
+    other.write_text("encoder: {name: deit, config: {img_size: 32, patch_size: 8, embed_dim: 48, depth: 1, "
+                     "num_heads: 3}}\ndecoder: {name: gpt2, config: {vocab_size: 50, n_positions: 32, n_embd: 32, "
+                     "n_layer: 1, n_head: 4}}\ntokens: {decoder_start: 1, pad: 0, eos: 2}\n")
+    assert _splice_cli(["validate", str(other)], tmp_path).returncode == 0
+    clashing = tmp_path / "clash.yaml"
+    clashing.write_text(other.read_text().replace("name: deit", "name: vit"))
+    out = _splice_cli(["validate", str(clashing)], tmp_path)
+    said = out.stdout + out.stderr
+    assert out.returncode == 1 and "encoder name 'vit' is registered by plugin 'splice.plugins.timm_vision' (package " \
+        "'splice') and plugin 'dup_vit' (package 'dup_vit')" in said and "SPLICE_DISABLE_PLUGINS=dup_vit" in said, said
+
+
+def test_unknown_names_name_the_plugins_that_failed(tmp_path, monkeypatch, fresh_registry):
+    _fake_dist(tmp_path, "broken_import", "broken_import_mod", "raise ImportError('needs libfoo')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plan = splice.validate({"encoder": {"name": "fancy"}, "decoder": {"name": "gpt2"}})
+    text = str(plan.problems[0])
+    assert "unknown encoder 'fancy'" in text
+    assert "plugin 'broken_import' (package broken_import) failed to load: ImportError: needs libfoo" in text, text
+
+
+def test_saved_folder_names_the_package_of_each_component(tmp_path, monkeypatch, fresh_registry):
+    spec = {"encoder": {"name": "toyconv", "config": {"img_size": 16, "patch_size": 4, "width": 24}},
+            "decoder": {"name": "gpt2", "config": {"vocab_size": 50, "n_positions": 32, "n_embd": 32, "n_layer": 1,
+                                                   "n_head": 4}}, "tokens": {"decoder_start": 1, "pad": 0, "eos": 2}}
+    splice.compose(spec, seed=0).save_pretrained(tmp_path / "m")
+    components = json.loads((tmp_path / "m" / "splice.json").read_text())["components"]
+    assert components["encoder"] == {"kind": "encoder", "name": "toyconv", "plugin": "toyconv",
+                                     "package": "splice-toyconv", "version": "0.1.0"}
+    assert components["decoder"]["plugin"] == "splice.plugins.gpt2" and components["decoder"]["package"] == "splice"
+    assert components["cross_attention"]["name"] == "standard" and components["kind"]["name"] == "encoder-decoder"
+    monkeypatch.setenv("SPLICE_DISABLE_PLUGINS", "toyconv")
+    from splice.core.plugins import reset_registry
+
+    reset_registry()
+    with pytest.raises(splice.UnknownComponentError, match='pip install "splice-toyconv==0.1.0": this folder was saved with '
+                       "encoder 'toyconv' from plugin 'toyconv'"):
+        splice.load(tmp_path / "m")

@@ -114,7 +114,10 @@ def save_pretrained(model, path: str | os.PathLike, *, extra_files: dict[str, by
             (tmp / "tokenizer.json").write_text(model.tokenizer.to_str())
         for name, data in extra.items():
             (tmp / name).write_bytes(data)
-        config = {"format": "splice", "version": FORMAT_VERSION, "spec": model.spec, "files": describe_files(tmp)}
+        from splice.core.plugins import provenance
+
+        config = {"format": "splice", "version": FORMAT_VERSION, "spec": model.spec,
+                  "components": provenance(model.spec), "files": describe_files(tmp)}
         (tmp / SPLICE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
     write_folder(path, fill, marker=SPLICE_CONFIG, owned=SPLICE_FILES | set(extra), what="checkpoint")

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from splice.core.configs import checked_config, placed, plugin_fault
-from splice.core.errors import ConfigError, InputError, Problem, SpliceError, clip, unknown_problem
+from splice.core.errors import ConfigError, InputError, Problem, SpliceError, clip
 from splice.core.kinds import DEFAULT_KIND, Kind, Plan
 from splice.core.meta import params_on_meta
 from splice.core.plugins import get_registry
@@ -76,7 +76,7 @@ def resolve_part(role: str, spec_part: Any, problems: list[Problem], *, kind: st
     elif (p := registry.preset(kind, name)) is not None:
         preset = p.name
         if not registry.has(kind, p.family):
-            problems.append(unknown_problem(kind, p.family, registry.names(kind), path=f"{role}.name (preset {name})"))
+            problems.append(registry.missing_problem(kind, p.family, path=f"{role}.name (preset {name})"))
             return None
         entry = registry.get(kind, p.family)
         values = {**p.config, **values}
@@ -87,8 +87,7 @@ def resolve_part(role: str, spec_part: Any, problems: list[Problem], *, kind: st
         entry = registry.get("encoder", "timm")
         values = {"model": name, **values}
     else:
-        known = registry.names(kind, with_aliases=True) + [p.name for p in registry.presets.values() if p.kind == kind]
-        problems.append(unknown_problem(kind, name, known, path=f"{role}.name"))
+        problems.append(registry.missing_problem(kind, name, path=f"{role}.name"))
         return None
     if spec_part.pretrained is True and weights is None:
         problems.append(Problem(f"{role}.pretrained", f"`pretrained: true` needs a preset with a weights source, "

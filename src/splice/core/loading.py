@@ -8,6 +8,8 @@ generation defaults, tokenizer, processor). Nothing below imports it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from pathlib import Path
 
@@ -68,11 +70,31 @@ def load_splice(folder: Path, *, dtype, strict: bool, verify: bool = True):
     with unchecked():  # the tensors are checked against the model below
         plan = validate(config["spec"])
     if not plan.ok:  # e.g. the plugin that provides a component is not installed here
-        raise error_for(plan.problems, source=str(folder / SPLICE_CONFIG))
+        raise error_for(_with_packages(plan.problems, config.get("components")), source=str(folder / SPLICE_CONFIG))
     model = plan.meta_model
     report = assign_weights(model, tensors, source=str(weights), strict=strict, dtype=dtype,
                             fresh=lambda: assemble(plan), config=SPLICE_CONFIG)
     return _finish(model, report, generation, folder)
+
+
+def _with_packages(problems: list, components: object) -> list:
+    """Problems of unknown components, with the fix naming the package that provided each when it was saved
+    (``splice.json``'s ``components``)."""
+    if not isinstance(components, dict):
+        return problems
+    out = []
+    for p in problems:
+        role = p.path.split(".")[0] if p.path.endswith(".name") or p.path.endswith(".kind") else None
+        info = components.get(role) if p.error == "unknown" else None
+        package = info.get("package") if isinstance(info, dict) else None
+        if isinstance(package, str) and package:
+            version = info.get("version")
+            pin = f"{package}=={version}" if isinstance(version, str) and version else package
+            p = dataclasses.replace(p, fix=f'pip install "{pin}": this folder was saved with {info.get("kind")} '
+                                    f'{info.get("name")!r} from plugin {info.get("plugin")!r} of that package; '
+                                    f"{p.fix}")
+        out.append(p)
+    return out
 
 
 def load_transformers(folder: Path, *, dtype: torch.dtype | None = None, strict: bool = True):

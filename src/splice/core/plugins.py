@@ -9,7 +9,9 @@ Every plugin goes through the same hooks, under the same rules (docs/writing-a-p
 - each registered builder and config class is wrapped, so that an exception raised inside it becomes a
   ``PluginError`` naming the component, the plugin and its distribution.
 
-Two plugins registering one name is still an error for the whole registry (``DuplicateNameError``).
+Two plugins registering one name switch that name off, and only that name: the clash is recorded for both plugins
+(``splice list`` shows it), a spec that uses the name gets a ``DuplicateNameError`` naming both, and every other
+component works.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from pydantic import BaseModel, ValidationError
 from splice.core import hookspecs
 from splice.core.errors import ConfigError, PluginError, Problem, SpliceError, clip, short
 from splice.core.interfaces import HFInterop
-from splice.core.registry import DuplicateNameError, Entry, Registry
+from splice.core.registry import Entry, Registry
 
 ENTRY_POINT_GROUP = "splice"
 BUILTIN_PLUGINS = (
@@ -274,6 +276,7 @@ def build_registry(*, entry_points_enabled: bool = True, extra_plugins: tuple[An
             name = str(getattr(plugin, "__name__", f"extra-{i}"))
             _add_plugin(pm, _Source(name), lambda p=plugin: p, limit, failures, sources)
         registry = Registry()
+        registry.failed_plugins = failures  # named in every "unknown component" error: one of them may be its
         _run_hooks(pm, registry, sources, limit, failures)
     registry.load_presets()
     return registry, failures
@@ -383,8 +386,6 @@ def _run_hooks(pm: pluggy.PluginManager, registry: Registry, sources: dict[str, 
             register = make(registry, kind, source, hook_name, failures)
             bound = 0 if source.dist == "splice" else limit
             _, exc = run_plugin_code(lambda: impl.function(register=register), bound)
-            if isinstance(exc, DuplicateNameError):
-                raise exc  # two plugins claim one name: the user's to resolve, loudly
             if exc is not None:
                 failures.append(source.failure(hook_name, _describe(exc), _timeout_fix(source, exc)))
 
@@ -401,7 +402,7 @@ _SIGNATURE = inspect.signature(_register_signature)
 
 def _register_fn(registry: Registry, kind: str, source: _Source, hook_name: str, failures: list[PluginFailure]):
     """The ``register`` callback a hook receives. A bad call is recorded as the plugin's failure (the hook goes
-    on with its other components); a name another plugin registered raises ``DuplicateNameError``."""
+    on with its other components); so is a name another plugin registered (``_clash``)."""
 
     def register(*args, **kwargs) -> None:
         try:
@@ -417,13 +418,25 @@ def _register_fn(registry: Registry, kind: str, source: _Source, hook_name: str,
             error = f"register({short(a['name'])}, ...) refused: " + "; ".join(problems)
             failures.append(source.failure(hook_name, error, source.fix("fix the register(...) call")))
             return
-        registry.add(Entry(
+        _clash(registry, Entry(
             kind, a["name"], _guard_builder(a["builder"], kind, a["name"], source),
             _guard_config(a["config_cls"], kind, a["name"], source), source.name, tuple(a["aliases"]),
             a["tiny"], a["hf"], _description(a["description"], a["builder"]), source.dist,
-        ))
+        ), source, hook_name, failures)
 
     return register
+
+
+def _clash(registry: Registry, entry: Entry, source: _Source, hook_name: str, failures: list[PluginFailure]) -> None:
+    """Register ``entry``; each of its names another plugin registered too is recorded as a failure of both."""
+    for name in registry.add(entry):
+        claims = registry.clashes[entry.kind][name]
+        plugins = " and ".join(repr(e.plugin) for e in claims)
+        error = (f"{entry.kind} name {name!r} is registered by plugins {plugins}: the name is switched off, the "
+                 "plugins' other components work")
+        fix = (f"uninstall one of the packages, or SPLICE_DISABLE_PLUGINS={entry.plugin} (or {claims[0].plugin}) to "
+               "switch one plugin off; or ask one author to rename it")
+        failures.append(PluginFailure(source.name, hook_name, error, fix, source.dist))
 
 
 def _register_kind_fn(registry: Registry, kind: str, source: _Source, hook_name: str,
@@ -440,8 +453,9 @@ def _register_kind_fn(registry: Registry, kind: str, source: _Source, hook_name:
                                            source.fix("call register(splice.Kind(name=..., spec_model=..., "
                                                       "validate=..., assemble=..., model_class=...))")))
             return
-        registry.add(Entry(kind, value.name, value.assemble, value.spec_model, source.name,
-                           description=_description(value.description, value.validate), dist=source.dist, impl=value))
+        _clash(registry, Entry(kind, value.name, value.assemble, value.spec_model, source.name,
+                               description=_description(value.description, value.validate), dist=source.dist,
+                               impl=value), source, hook_name, failures)
 
     return register
 
@@ -614,3 +628,37 @@ def reset_registry() -> None:
     global _cached
     with _lock:
         _cached = None
+
+
+# -- where each component of a saved model came from ---------------------------------------------------------------
+
+_ROLE_KINDS = {"encoder": ("encoder",), "vision": ("encoder",), "decoder": ("decoder",), "text": ("text_encoder",),
+               "language_model": ("decoder",)}
+
+
+def provenance(spec: dict) -> dict[str, dict]:
+    """For each component a resolved spec names: its kind, name, plugin, package and the package's version (what
+    ``splice.json`` records, so that loading the folder elsewhere can name the package to install)."""
+    registry = get_registry()
+    found: dict[str, dict] = {}
+    wanted = [("kind", "kind", spec.get("kind", "encoder-decoder"))]
+    for role, part in spec.items():
+        if isinstance(part, dict) and isinstance(part.get("name"), str):
+            kinds = _ROLE_KINDS.get(role, ("encoder", "decoder", "text_encoder"))
+            wanted += [(role, kind, part["name"]) for kind in kinds]
+    ca = spec.get("cross_attention")
+    if isinstance(ca, dict) and isinstance(ca.get("kind"), str):
+        wanted.append(("cross_attention", "adapter", ca["kind"]))
+    for role, kind, name in wanted:
+        if role not in found and isinstance(name, str) and registry.has(kind, name):
+            entry = registry.get(kind, name)
+            found[role] = {"kind": kind, "name": entry.name, "plugin": entry.plugin, "package": entry.dist or None,
+                           "version": _version(entry.dist)}
+    return found
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist) if dist else None
+    except Exception:  # noqa: BLE001 - not installed as a distribution (a plugin passed in by hand)
+        return None

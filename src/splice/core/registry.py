@@ -9,15 +9,15 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel
 
-from splice.core.errors import PluginError, UnknownComponentError
+from splice.core.errors import PluginError, Problem, UnknownComponentError, unknown_problem
 from splice.core.interfaces import HFInterop
 
 KINDS = ("encoder", "decoder", "text_encoder", "adapter", "projection", "kind")  # "kind": composition kinds
 
 
 class DuplicateNameError(PluginError):
-    """Two plugins registered one name (or alias) of one kind. Raised for the whole registry, not recorded as
-    one plugin's failure: which of the two the user meant is theirs to decide."""
+    """A spec used a name (or alias) that two plugins registered for one kind. The name is switched off (which of
+    the two the user meant is theirs to decide); every other component of both plugins works."""
 
 
 @dataclass(frozen=True)
@@ -59,23 +59,31 @@ class Registry:
         self.presets: dict[str, Preset] = {}
         self.compositions: dict[str, dict] = {}
         self.composition_descriptions: dict[str, str] = {}
+        # kind -> name -> the entries that claimed it: a name two plugins registered is switched off
+        self.clashes: dict[str, dict[str, list[Entry]]] = {k: {} for k in KINDS}
+        self.failed_plugins: list[Any] = []  # PluginFailure of each plugin that did not load (build_registry sets it)
 
     # -- registration -------------------------------------------------------------------------------
-    def add(self, entry: Entry) -> None:
-        kind = entry.kind
+    def add(self, entry: Entry) -> list[str]:
+        """Register ``entry``; returns its names (or aliases) another plugin registered too. Those names are
+        switched off for both (a spec using one gets ``DuplicateNameError``); the entries' other names work."""
+        kind, clashing = entry.kind, []
         for name in (entry.name, *entry.aliases):
-            owner = self._owner(kind, name)
-            if owner is not None:
-                raise DuplicateNameError(
-                    f"{kind} name {name!r} is registered twice: by plugin {owner.plugin!r} and by plugin "
-                    f"{entry.plugin!r}\n    fix: rename one of them, or uninstall/disable one plugin "
-                    f"(SPLICE_DISABLE_PLUGINS={entry.plugin})"
-                )
-        self._entries[kind][entry.name] = entry
-        for alias in entry.aliases:
-            self._aliases[kind][alias] = entry.name
+            owner = self._owner(kind, name, clashed=True)
+            if owner is not None or name in self.clashes[kind]:
+                claims = self.clashes[kind].setdefault(name, [owner] if owner is not None else [])
+                claims.append(entry)
+                clashing.append(name)
+        if entry.name not in clashing:
+            self._entries[kind][entry.name] = entry
+            for alias in entry.aliases:
+                if alias not in clashing:
+                    self._aliases[kind][alias] = entry.name
+        return clashing
 
-    def _owner(self, kind: str, name: str) -> Entry | None:
+    def _owner(self, kind: str, name: str, *, clashed: bool = False) -> Entry | None:
+        if name in self.clashes[kind] and not clashed:
+            return None
         if name in self._entries[kind]:
             return self._entries[kind][name]
         if name in self._aliases[kind]:
@@ -87,10 +95,10 @@ class Registry:
         names = list(self._entries[kind])
         if with_aliases:
             names += list(self._aliases[kind])
-        return sorted(names)
+        return sorted(n for n in names if n not in self.clashes[kind])
 
     def entries(self, kind: str) -> list[Entry]:
-        return [self._entries[kind][n] for n in sorted(self._entries[kind])]
+        return [self._entries[kind][n] for n in sorted(self._entries[kind]) if n not in self.clashes[kind]]
 
     def has(self, kind: str, name: str) -> bool:
         return self._owner(kind, name) is not None
@@ -98,11 +106,34 @@ class Registry:
     def get(self, kind: str, name: str, *, path: str | None = None) -> Entry:
         entry = self._owner(kind, name)
         if entry is None:
-            known = self.names(kind, with_aliases=True)
-            if kind in ("encoder", "decoder", "text_encoder"):
-                known += [p.name for p in self.presets.values() if p.kind == kind]
-            raise UnknownComponentError.for_name(kind, name, known, path=path or "")
+            problem = self.missing_problem(kind, name, path=path or "")
+            raise (DuplicateNameError if problem.error == "plugin" else UnknownComponentError)([problem])
         return entry
+
+    def missing_problem(self, kind: str, name: str, *, path: str = "", list_kind: str | None = None) -> Problem:
+        """Why ``name`` is no usable ``kind``: two plugins registered it, or no plugin did (naming each plugin that
+        failed to load, which could have been the one)."""
+        claims = self.clashes[kind].get(name)
+        if claims:
+            who = " and ".join(f"plugin {e.plugin!r}" + (f" (package {e.dist!r})" if e.dist else "") for e in claims)
+            return Problem(path, f"{kind} name {name!r} is registered by {who}, so it is switched off (their other "
+                           "components work)", given=name, expected=f"a {kind} name one plugin registers",
+                           fix=f"uninstall one of the packages, or SPLICE_DISABLE_PLUGINS={claims[-1].plugin} (or "
+                           f"{claims[0].plugin}) to switch one plugin off; or ask one author to rename it",
+                           error="plugin")
+        known = self.names(kind, with_aliases=True)
+        if kind in ("encoder", "decoder", "text_encoder"):
+            known += [p.name for p in self.presets.values() if p.kind == kind]
+        problem = unknown_problem(kind, name, known, path=path, list_kind=list_kind)
+        failed = [f for f in self.failed_plugins if f.stage == "import"]
+        if not failed:
+            return problem
+        notes = "; ".join(f"plugin {f.plugin!r}" + (f" (package {f.dist})" if f.dist else "")
+                          + f" failed to load: {f.error}" for f in failed[:3])
+        more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
+        return Problem(path, f"{problem.message}; it may be one of these: {notes}{more}", expected=problem.expected,
+                       fix=f"{problem.fix}; `splice list` shows why each plugin failed, with its fix",
+                       error="unknown")
 
     def preset(self, kind: str, name: str) -> Preset | None:
         p = self.presets.get(name)

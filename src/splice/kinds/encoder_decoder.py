@@ -298,8 +298,7 @@ def validate(spec: CompositionSpec, source: str | None = None) -> EncoderDecoder
         plan.adapter = registry.get("adapter", spec.cross_attention.kind)
         plan.adapter_config = checked_config(plan.adapter, spec.cross_attention.config, "cross_attention.config", problems)
     else:
-        problems.append(unknown_problem("adapter", spec.cross_attention.kind, registry.names("adapter", with_aliases=True),
-                                        path="cross_attention.kind"))
+        problems.append(registry.missing_problem("adapter", spec.cross_attention.kind, path="cross_attention.kind"))
     proj = spec.projection_kind
     if proj not in ("auto", "none"):
         if not registry.has("projection", proj):
