@@ -21,24 +21,32 @@ from splice.core.errors import (  # noqa: E402
     SpliceError,
     UnknownComponentError,
 )
-from splice.core.interfaces import (  # noqa: E402
-    CrossAttention,
-    CrossAttentionAdapter,
-    DecoderCache,
-    DecoderOutput,
-    EncoderOutput,
-    HFInterop,
-    LayerSpec,
-    Preprocessing,
-    Projection,
-    TextDecoder,
-    TextEncoder,
-    TextEncoderOutput,
-    VisionEncoder,
-)
-from splice.core.kinds import Kind, Plan, TransformersFormat  # noqa: E402
-from splice.core.cache import KVCache, context_kv  # noqa: E402
-from splice.core.generation import GenerationOptions  # noqa: E402
+# torch-backed names are imported on first use (PEP 562), so that `import splice` (and `splice --help`) does not
+# import torch: `splice.LayerSpec` and `from splice import HFInterop` work as before
+_LAZY = {
+    **{name: "splice.core.interfaces" for name in (
+        "CrossAttention", "CrossAttentionAdapter", "DecoderCache", "DecoderOutput", "EncoderOutput", "HFInterop",
+        "LayerSpec", "Preprocessing", "Projection", "TextDecoder", "TextEncoder", "TextEncoderOutput",
+        "VisionEncoder")},
+    "Kind": "splice.core.kinds", "Plan": "splice.core.kinds", "TransformersFormat": "splice.core.kinds",
+    "KVCache": "splice.core.cache", "context_kv": "splice.core.cache", "GenerationOptions": "splice.core.generation",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'splice' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 __all__ = [

@@ -264,7 +264,9 @@ def _read_tokenizer(path: str):
                          f"{clip(str(exc), 200)})\n{fix}") from None
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; `splice train`'s setting flags (from splice.train, which imports torch) are added only
+    when ``argv`` names the train command, so that `splice --help` and `splice list` start without torch."""
     parser = _Parser(prog="splice", description="Compose vision encoders with text decoders.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -339,12 +341,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="0 to 2**32-1 (default 0)")
     p.set_defaults(fn=_cmd_demo)
 
-    _add_train(sub)
+    _add_train(sub, argv is None or "train" in argv)
     return parser
 
 
-def _add_train(sub) -> None:
-    from splice.train.config import flags
+def _add_train(sub, with_flags: bool = True) -> None:
 
     p = sub.add_parser("train", help="train a spec or a saved model on captioned images (Ctrl-C saves a checkpoint)")
     p.add_argument("model", help="a spec (YAML/JSON or preset) or a saved model folder")
@@ -353,8 +354,11 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoint/, model/")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that holds an earlier run")
-    for option, keywords in flags():  # one per TrainConfig setting, with its help and bound
-        p.add_argument(option, **keywords)
+    if with_flags:
+        from splice.train.config import flags
+
+        for option, keywords in flags():  # one per TrainConfig setting, with its help and bound
+            p.add_argument(option, **keywords)
     p.add_argument("--tokenizer", default=None, help="tokenizer.json for a model without one (its ids must fit the decoder)")
     p.add_argument("--freeze", nargs="+", choices=["encoder", "decoder", "cross_attention", "projection"],
                    default=None, help="freeze these parts too (the spec's freeze list always applies)")
@@ -366,8 +370,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command: 0 on success, 1 on a ``SpliceError`` (printed as ``error: ...`` with its fix), 2 on a
     command line that does not parse."""
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
         return args.fn(args)
+    except BrokenPipeError:
+        # the reader went away (`splice describe X | head`): stop quietly, as `cat` does; point stdout at devnull so
+        # that the interpreter's last flush does not raise again
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what the shell reports for a command a closed pipe stopped
     except UsageError as exc:
         print(exc.usage.rstrip() + f"\nerror: {exc}", file=sys.stderr)
         return 2

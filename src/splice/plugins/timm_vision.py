@@ -14,10 +14,8 @@ import math
 import re
 from typing import Any, Callable, ClassVar, Literal
 
-import timm
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from splice import HFInterop, hookimpl
@@ -126,6 +124,8 @@ def _sides(img_size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def _preprocessing(model: nn.Module, img_size: int | tuple[int, int] | None, in_chans: int) -> Preprocessing:
+    from timm.data import resolve_data_config
+
     data = resolve_data_config({}, model=model)
     # timm's data config describes the pretrained weights (224 px); the model we built may be another size.
     h, w = _sides(img_size) if img_size else tuple(data["input_size"][-2:])
@@ -421,6 +421,7 @@ class TimmConfig(_Strict):
     @field_validator("model")
     @classmethod
     def _known(cls, v: str) -> str:
+        timm = _timm()
         if not timm.is_model(v):
             close = difflib.get_close_matches(v, timm.list_models(), n=3, cutoff=0.6)
             raise ValueError(
@@ -543,8 +544,15 @@ def _wrap(model: nn.Module, cfg: Any, hidden_size: int, **kw: Any) -> TimmEncode
     return TimmEncoder(model, hidden_size=hidden_size, preprocessing=pre, **kw)
 
 
+def _timm():
+    """timm, imported when a model is built or a timm name checked: `splice list` and `--help` do not pay for it."""
+    import timm
+
+    return timm
+
+
 def _create(arch: str, **kwargs: Any) -> nn.Module:
-    return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    return _timm().create_model(arch, pretrained=False, num_classes=0, **kwargs)
 
 
 def _position_embedding(model: nn.Module, cfg: ViTConfig) -> nn.Module:
