@@ -102,7 +102,8 @@ class CompositionSpec(_Strict):
     tokens: TokensSpec = Field(default_factory=TokensSpec)
     freeze: list[Freezable] = Field(default_factory=list, description="parts whose weights are not trained")
     max_length: PositiveInt | None = Field(
-        None, description="longest decoder sequence to be asked for; checked against the decoder's positions"
+        None, description="longest decoder sequence (prompt + new tokens): checked against the decoder's positions, "
+        "and generate's default length (an argument overrides it)"
     )
 
 
