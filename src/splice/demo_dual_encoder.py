@@ -31,7 +31,7 @@ SPEC = {
     "text": {"name": "bert", "config": {"vocab_size": 23, "hidden_size": 128, "num_hidden_layers": 2,
                                         "num_attention_heads": 4, "intermediate_size": 512,
                                         "max_position_embeddings": 16, "hidden_dropout_prob": 0.0,
-                                        "attention_probs_dropout_prob": 0.0}},
+                                        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.2}},
     "projection_dim": 128,
     "loss": "clip",
 }
