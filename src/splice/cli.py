@@ -172,6 +172,16 @@ def _cmd_classify(args) -> int:
     return run_classify(args.model, args.images, labels=args.labels, template=args.template, as_json=args.json)
 
 
+def _cmd_ask(args) -> int:
+    from splice.ask import run_ask
+
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--num-beams", args.num_beams)):
+        if value < 1:
+            raise InputError(f"{flag}: given {value}; expected an integer >= 1\n    fix: e.g. {flag} 4")
+    return run_ask(args.model, args.image, args.question, box=args.box, arrow=args.arrow,
+                   max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+
+
 def _cmd_embed(args) -> int:
     from splice.zero_shot import run_embed
 
@@ -309,6 +319,17 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--template", default="a photo of a {}.", help="the prompt, {} standing for the label")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_classify)
+
+    p = sub.add_parser("ask", help="answer a question about an image with a prefix-LM model (LLaVA, VipLlava)")
+    p.add_argument("model")
+    p.add_argument("image")
+    p.add_argument("question")
+    p.add_argument("--box", default=None,
+                   help="x0,y0,x1,y1: draw a red rectangle there first (VipLlava's visual prompt)")
+    p.add_argument("--arrow", default=None, help="x0,y0,x1,y1: draw a red arrow from (x0,y0) to (x1,y1) first")
+    p.add_argument("--max-new-tokens", type=int, default=32, help=">= 1 (default 32)")
+    p.add_argument("--num-beams", type=int, default=1, help=">= 1 (default 1: greedy)")
+    p.set_defaults(fn=_cmd_ask)
 
     p = sub.add_parser("embed", help="projected features of images or texts (a dual-encoder model) to safetensors")
     p.add_argument("model")

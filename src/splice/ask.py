@@ -1,0 +1,144 @@
+"""``splice ask MODEL IMAGE "question"``: a question about an image, answered by a prefix-LM model (LLaVA,
+VipLlava).
+
+The prompt comes from the model's chat template (a transformers folder's ``chat_template.jinja``, kept in the
+spec), rendered as transformers' ``apply_chat_template`` renders it: one user message whose content is an image
+and the question, with the generation prompt; without a template, VipLlava's documented one,
+``###Human: <image>\\n{question}###Assistant:``. The one image token of the prompt is then expanded to the
+model's ``image_seq_length`` image tokens, as transformers 5's processors do. ``--box`` and ``--arrow`` draw
+VipLlava's visual prompts (a red rectangle or arrow, in the image's pixel coordinates) on the image first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+from splice.core.errors import InputError, short
+
+VIPLLAVA_TEMPLATE = "###Human: <image>\n{prompt}###Assistant:"
+RED = (255, 0, 0)
+
+
+def _prefix_lm(model) -> None:
+    if not callable(getattr(model, "prompt_embeddings", None)):
+        kind = model.spec.get("kind", "encoder-decoder") if isinstance(getattr(model, "spec", None), dict) else "?"
+        raise InputError(f"model: a {kind} model does not answer questions about images\n    expected: a prefix-lm "
+                         "model (kind: prefix-lm, or a transformers LLaVA / VipLlava folder)\n    fix: give such a "
+                         "model; `splice caption` describes images with a captioner")
+    if getattr(model, "tokenizer", None) is None:
+        raise InputError("model: it has no tokenizer, so the question cannot be turned into token ids\n"
+                         "    fix: save the model with its tokenizer.json")
+
+
+def parse_box(flag: str, value: str) -> tuple[float, float, float, float]:
+    """``x0,y0,x1,y1`` in pixels (``--box`` / ``--arrow``)."""
+    parts = value.split(",") if isinstance(value, str) else []
+    try:
+        numbers = tuple(float(p) for p in parts)
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 4 or not all(math.isfinite(n) for n in numbers):
+        raise InputError(f"{flag}: given {short(value)}; expected four numbers x0,y0,x1,y1 (pixels)\n"
+                         f"    fix: e.g. {flag} 10,20,60,80")
+    return numbers  # type: ignore[return-value]
+
+
+def draw_prompts(image, *, box: Sequence[float] | None = None, arrow: Sequence[float] | None = None):
+    """A copy of the RGB ``image`` with VipLlava's visual prompts drawn: a red rectangle around ``box``, a red
+    arrow from (x0, y0) to its head at (x1, y1)."""
+    from PIL import ImageDraw
+
+    out = image.convert("RGB").copy()
+    d = ImageDraw.Draw(out)
+    width = max(1, round(min(out.size) / 64))
+    if box is not None:
+        x0, y0, x1, y1 = box
+        d.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=RED, width=width)
+    if arrow is not None:
+        x0, y0, x1, y1 = arrow
+        d.line([x0, y0, x1, y1], fill=RED, width=width)
+        angle, head = math.atan2(y1 - y0, x1 - x0), max(3.0, min(out.size) / 12)
+        wings = [(x1 - head * math.cos(angle + s), y1 - head * math.sin(angle + s)) for s in (0.5, -0.5)]
+        d.polygon([(x1, y1), *wings], fill=RED)
+    return out
+
+
+def prompt_text(model, question: str) -> tuple[str, bool]:
+    """(the prompt with one image placeholder, whether the tokenizer should add its special tokens)."""
+    template = getattr(model, "chat_template", None)
+    image = model.tokenizer.id_to_token(model.tokens["image"]) or "<image>"
+    if not template:
+        return VIPLLAVA_TEMPLATE.replace("<image>", image).format(prompt=question), True
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    names = {k: model.tokenizer.id_to_token(model.tokens[k]) if model.tokens.get(k) is not None else ""
+             for k in ("bos", "eos", "pad")}
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    try:
+        text = ImmutableSandboxedEnvironment().from_string(template).render(
+            messages=messages, add_generation_prompt=True, bos_token=names["bos"], eos_token=names["eos"],
+            pad_token=names["pad"])
+    except Exception as exc:  # a template that fails to render: its own error, named
+        raise InputError(f"chat_template: the model's template does not render ({type(exc).__name__}: "
+                         f"{short(str(exc), 200)})\n    fix: fix chat_template.jinja, or remove it to use "
+                         "VipLlava's template") from None
+    if image not in text:  # a template that leaves images out: the image goes first, as transformers' processor
+        text = f"{image}\n{text}"
+    return text, False  # the template writes the special tokens itself, as apply_chat_template
+
+
+def prompt_ids(model, question: str) -> torch.Tensor:
+    """(1, T) token ids of the prompt, its image placeholder expanded to ``image_seq_length`` image tokens."""
+    text, special = prompt_text(model, question)
+    image, tok = model.tokens["image"], model.tokenizer
+    placeholder = tok.id_to_token(image) or "<image>"
+    ids = tok.encode(text, add_special_tokens=special).ids
+    if image not in ids and text.count(placeholder) == 1:  # a tokenizer that splits the placeholder into pieces
+        before, after = text.split(placeholder)
+        ids = (tok.encode(before, add_special_tokens=special).ids + [image]
+               + tok.encode(after, add_special_tokens=False).ids)
+    if ids.count(image) != 1:
+        raise InputError(f"question: the prompt holds {ids.count(image)} image tokens (id {image}); expected one "
+                         "placeholder\n    fix: do not write the image token in the question")
+    i = ids.index(image)
+    return torch.tensor([ids[:i] + [image] * model.image_seq_length + ids[i + 1:]])
+
+
+@torch.no_grad()
+def ask(model, image: Any, question: str, *, box=None, arrow=None, max_new_tokens: int = 32, **options) -> str:
+    """The model's answer to ``question`` about ``image`` (a path or a PIL image)."""
+    from splice.core.processing import load_image, processor_for
+
+    _prefix_lm(model)
+    if not isinstance(question, str) or not question.strip():
+        raise InputError(f"question: given {short(question)}; expected a non-empty question\n"
+                         "    fix: e.g. \"what colour is the circle?\"")
+    picture = load_image(image) if not hasattr(image, "convert") else image
+    if box is not None or arrow is not None:
+        picture = draw_prompts(picture, box=box, arrow=arrow)
+    processor = processor_for(model)
+    first = next(model.parameters())
+    pixels = processor.one(picture)[None].to(first.device, first.dtype)  # (1, C, H, W)
+    ids = prompt_ids(model, question).to(first.device)
+    model.eval()
+    out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                         max_new_tokens=max_new_tokens, **options)
+    return " ".join(model.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).split())
+
+
+def run_ask(model_path: str, image: str, question: str, *, box: str | None, arrow: str | None,
+            max_new_tokens: int, num_beams: int) -> int:
+    import splice
+
+    from splice.caption import _printable
+
+    boxes = parse_box("--box", box) if box is not None else None
+    arrows = parse_box("--arrow", arrow) if arrow is not None else None
+    model = splice.load(model_path)
+    answer = ask(model, image, question, box=boxes, arrow=arrows, max_new_tokens=max_new_tokens,
+                 num_beams=num_beams)
+    print(_printable(answer))
+    return 0
