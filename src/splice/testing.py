@@ -383,7 +383,7 @@ def check_padding(kind: str, name: str) -> str | None:
         real = left_mask[b].bool()
         ok, d = _close(other[b][real], left[b][real])
         if not ok and getattr(module, "pad_token_id", None) is not None:  # it reads padding from its ids (RoBERTa)
-            ok = _close(left[b][real], _alone(kind, module, rows, pad, width)[b])[0]
+            ok = _left_gaps(kind, module, rows, pad, width)[b][0]
         if not ok:
             raise _fail("padding", kind, name, f"under left padding, the real tokens' outputs changed by {d:.3g} when "
                         f"only the masked positions' ids changed (row {b}): padding leaks into real tokens",
@@ -395,18 +395,27 @@ def check_positions(kind: str, name: str) -> str | None:
     """Positions follow the attention mask (transformers' decoder-only ``generate``: ``cumsum(mask) - 1``): a
     left-padded row gives its real tokens the outputs they have without padding."""
     module, pad, width, rows = _padding_module(kind, name)
+    gaps = _left_gaps(kind, module, rows, pad, width)
+    if isinstance(gaps, str):
+        return gaps
+    for b, (ok, d) in enumerate(gaps):
+        if not ok:
+            raise _fail("positions", kind, name, f"left padding moved the real tokens' outputs by {d:.3g} (row {b}: "
+                        f"{len(rows[b])} real tokens of 8): positions do not follow the attention mask",
+                        "count positions over real tokens only: cumsum(attention_mask) - 1, from the past too")
+    return None
+
+
+def _left_gaps(kind: str, module: nn.Module, rows: list[Tensor], pad: int,
+               width: int) -> list[tuple[bool, float]] | str:
+    """Per row, whether its real tokens left-padded match them unpadded (and by how much they differ); or why the
+    module refused padding."""
     try:
         left, mask = _padded(kind, module, rows, "left", pad, width)
         alone = _alone(kind, module, rows, pad, width)
     except _Refused as exc:
         return str(exc)
-    for b, row in enumerate(rows):
-        ok, d = _close(left[b][mask[b].bool()], alone[b])
-        if not ok:
-            raise _fail("positions", kind, name, f"left padding moved the real tokens' outputs by {d:.3g} (row {b}: "
-                        f"{len(row)} real tokens of 8): positions do not follow the attention mask",
-                        "count positions over real tokens only: cumsum(attention_mask) - 1, from the past too")
-    return None
+    return [_close(left[b][mask[b].bool()], alone[b]) for b in range(len(rows))]
 
 
 class _Refused(Exception):
