@@ -161,12 +161,12 @@ def test_an_unread_folder_names_every_unread_part(tmp_path):
     folder = tmp_path / "f"
     shutil.copytree(FIXTURES / "vit-gpt2", folder)
     config = json.loads((folder / "config.json").read_text())
-    config["encoder"]["model_type"], config["decoder"]["model_type"] = "clip_vision_model", "opt"
+    config["encoder"]["model_type"], config["decoder"]["model_type"] = "siglip_vision_model", "opt"
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(splice.ConfigError) as info:
         splice.load(folder)
     text = str(info.value)
-    assert "encoder.model_type" in text and "'clip_vision_model'" in text
+    assert "encoder.model_type" in text and "'siglip_vision_model'" in text
     assert "decoder.model_type" in text and "'opt'" in text
     assert "splice list --kind encoder" in text and "splice list --kind decoder" in text
     assert (Path(__file__).parents[1] / "docs" / "writing-a-plugin.md").is_file()  # the fix names what exists
