@@ -321,19 +321,15 @@ def test_train_lowers_the_loss_on_a_tiny_vqa_set(tmp_path):
 
 
 def test_splice_train_reads_question_answer_rows(tmp_path):
-    """``splice train`` on a JSONL of questions: live once ``resolve_data`` routes vqa heads to splice.vqa."""
+    """``splice train`` on a JSONL of questions: the model's ``training_data`` routes them to splice.vqa."""
     from splice.cli import main
     from splice.train import TrainConfig, resolve_data
     from splice.vqa import QAData
 
     model = _vqa_model()
     data = _vqa_jsonl(tmp_path / "data", 8)
-    try:
-        source = resolve_data(str(data), model, TrainConfig(out=str(tmp_path / "probe")))[0]
-    except InputError:
-        source = None
-    if not isinstance(source, QAData):
-        pytest.skip("splice.train.inputs.resolve_data does not route vqa heads to splice.vqa.load_qa_data yet")
+    source = resolve_data(str(data), model, TrainConfig(out=str(tmp_path / "probe")))[0]
+    assert isinstance(source, QAData)
     model.save_pretrained(tmp_path / "m")
     assert main(["train", str(tmp_path / "m"), "--data", str(data), "--out", str(tmp_path / "run"),
                  "--max-steps", "2", "--batch-size", "4", "--no-progress"]) == 0

@@ -107,6 +107,11 @@ class ComposedModel(nn.Module):
         """The vision encoder (its ``preprocessing`` sizes the training images): ``encoder`` by default."""
         return getattr(self, "encoder", None)
 
+    def training_data(self, path: Any, *, seed: int, eval_path: Any = None) -> tuple | None:
+        """``splice train --data PATH`` for a file set this kind reads its own way (question/answer rows):
+        ``(train source, eval source or None, reports)``; None: the caption reader (``splice.data.load_data``)."""
+        return None
+
     def caption_encoding(self) -> CaptionEncoding:
         """How captions become ``labels`` rows (default: the tokenizer's ids, nothing added)."""
         return CaptionEncoding()

@@ -500,6 +500,14 @@ class SingleStreamModel(ComposedModel):
     # A batch from splice.vqa's reader: pixel_values (B, C, H, W), input_ids / attention_mask (B, T) (the question
     # with the tokenizer's special tokens), labels (B,) answer ids in ``answer_labels``, questions, answers.
 
+    def training_data(self, path, *, seed: int, eval_path=None):
+        """Question/answer rows (``splice.vqa.load_qa_data``) for a vqa or visual-reasoning head."""
+        if self.head_kind not in ("vqa", "visual-reasoning"):
+            return None
+        from splice.vqa import load_qa_data
+
+        return load_qa_data(path, self, seed=seed, eval_path=eval_path)
+
     def caption_encoding(self) -> CaptionEncoding:
         """Questions as the text encoder reads them: with the tokenizer's special tokens ([CLS] ... [SEP])."""
         return CaptionEncoding(special_tokens=True, eos=None, max_len=self.text.max_positions,

@@ -64,6 +64,11 @@ def resolve_data(data: Any, model: nn.Module, cfg: TrainConfig, eval_data: Any =
     if isinstance(data, (str, Path)):
         from splice.data import load_data
 
+        own = model.training_data(data, seed=cfg.seed, eval_path=eval_data) if hasattr(model, "training_data") \
+            else None
+        if own is not None:  # the kind reads its own rows (a single stream's questions and answers)
+            return own
+
         return load_data(data, model, seed=cfg.seed, eval_path=eval_data)
     if not hasattr(data, "get"):
         raise InputError(f"data: expected 'shapes', a folder, a .jsonl file or a source with get(); got {type(data).__name__}")
