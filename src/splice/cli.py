@@ -312,6 +312,29 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_caption)
 
+    _add_model_commands(sub)
+
+    p = sub.add_parser("schema", help="JSON Schema of the composition spec")
+    p.add_argument("--kind", default=None, help="a composition kind (`splice list --kind kind`); default encoder-decoder")
+    p.set_defaults(fn=_cmd_schema)
+
+    p = sub.add_parser("demo", help="the embedded default: train a tiny captioner on synthetic shapes, then caption")
+    p.add_argument("--kind", choices=["encoder-decoder", "dual-encoder"], default="encoder-decoder",
+                   help="encoder-decoder: a captioner (default); dual-encoder: contrastive, then zero-shot labels")
+    p.add_argument("--spec", default=None, help="spec to train (default: examples/demo-captioner.yaml, or "
+                   "examples/demo-dual-encoder.yaml with --kind dual-encoder)")
+    p.add_argument("--out", default=None, help="output folder (default: out/demo, out/demo-dual-encoder)")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget, > 0 (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, 1 to 1024 (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="0 to 2**32-1 (default 0)")
+    p.set_defaults(fn=_cmd_demo)
+
+    _add_train(sub, argv is None or "train" in argv)
+    return parser
+
+
+def _add_model_commands(sub) -> None:
+    """The commands that run a saved model of the other kinds: classify, ask, embed, vqa."""
     p = sub.add_parser("classify", help="zero-shot scores of images for labels, with a dual-encoder model")
     p.add_argument("model")
     p.add_argument("images", nargs="+")
@@ -346,24 +369,6 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="answers to show, best first")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_vqa)
-
-    p = sub.add_parser("schema", help="JSON Schema of the composition spec")
-    p.add_argument("--kind", default=None, help="a composition kind (`splice list --kind kind`); default encoder-decoder")
-    p.set_defaults(fn=_cmd_schema)
-
-    p = sub.add_parser("demo", help="the embedded default: train a tiny captioner on synthetic shapes, then caption")
-    p.add_argument("--kind", choices=["encoder-decoder", "dual-encoder"], default="encoder-decoder",
-                   help="encoder-decoder: a captioner (default); dual-encoder: contrastive, then zero-shot labels")
-    p.add_argument("--spec", default=None, help="spec to train (default: examples/demo-captioner.yaml, or "
-                   "examples/demo-dual-encoder.yaml with --kind dual-encoder)")
-    p.add_argument("--out", default=None, help="output folder (default: out/demo, out/demo-dual-encoder)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget, > 0 (default 5)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, 1 to 1024 (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="0 to 2**32-1 (default 0)")
-    p.set_defaults(fn=_cmd_demo)
-
-    _add_train(sub, argv is None or "train" in argv)
-    return parser
 
 
 def _add_train(sub, with_flags: bool = True) -> None:

@@ -38,7 +38,7 @@ from splice import hookimpl
 from splice.core.cache import context_kv
 from splice.core.errors import ConfigError, InputError, Problem
 from splice.core.interfaces import DecoderOutput, HFInterop, LayerSpec
-from splice.core.kernels import Linear, dropout, linear
+from splice.core.kernels import Linear, linear
 from splice.core.keymap import DUPLICATE, Row, from_hf, to_hf
 from splice.plugins._shared import ACTIVATION_FNS, DecoderConfig, NativeDecoder, causal_mask, normal_init
 from splice.plugins._shared import Eps, FFNWidth, Heads, InitStd, Layers, Positions, Probability, TokenId, Vocab, Width
