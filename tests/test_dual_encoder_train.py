@@ -188,6 +188,11 @@ def test_demo_kind_flag(monkeypatch):
     monkeypatch.setattr(demo_dual_encoder, "run", lambda **kw: seen.update(kw) or 0)
     assert main(["demo", "--kind", "dual-encoder", "--minutes", "0.5", "--threads", "1"]) == 0
     assert seen == {"spec": None, "out": "out/demo-dual-encoder", "minutes": 0.5, "threads": 1, "seed": 0}
+    from splice import demo_vqa
+
+    monkeypatch.setattr(demo_vqa, "run", lambda **kw: seen.update(kw) or 0)
+    assert main(["demo", "--kind", "single-stream", "--seed", "2"]) == 0
+    assert seen == {"spec": None, "out": "out/demo-single-stream", "minutes": 5.0, "threads": 2, "seed": 2}
 
 
 def test_a_short_dual_encoder_demo_run(tmp_path, capsys):
