@@ -105,3 +105,38 @@ def test_ask_refuses_what_cannot_answer(saved, tmp_path, capsys):
     assert "image tokens" in capsys.readouterr().err
     assert main(["ask", str(saved / "model"), str(saved / "img.png"), "w5", "--num-beams", "0"]) != 0
     assert "--num-beams" in capsys.readouterr().err
+
+
+def test_splice_train_on_question_answer_rows_in_two_stages(saved, tmp_path, capsys):
+    """JSONL questions: the prompt as `splice ask` builds it, the loss on the answer (+ eos) alone; stage 1 trains
+    the projector only, stage 2 the projector and the language model."""
+    from splice.ask import load_prompt_qa_data
+
+    rows = [{"image": str(saved / "img.png"), "question": f"w{5 + i % 3}", "answer": f"w{10 + i % 3}"}
+            for i in range(8)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    model = splice.load(saved / "model")
+    train_src, _, _ = load_prompt_qa_data(data, model)
+    batch = train_src.get(range(2))
+    prompt = prompt_ids(model, batch["captions"][0])[0].tolist()
+    n = len(prompt)
+    assert batch["input_ids"][0, :n].tolist() == prompt
+    answer = int(batch["captions"][0][1:]) + 5  # w5 -> w10 ...
+    assert batch["labels"][0, :n].eq(-100).all() and batch["labels"][0, n].item() == answer
+    assert batch["labels"][0, n + 1].item() == model.tokens["eos"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert main(["train", str(saved / "model"), "--data", str(data), "--out", str(tmp_path / "s1"), "--freeze",
+                 "vision", "language", "--max-steps", "2", "--batch-size", "4", "--threads", "1",
+                 "--no-progress"]) == 0
+    stage1 = splice.load(tmp_path / "s1" / "model").state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], stage1[k])}
+    assert changed == {"projector"}
+    assert main(["train", str(tmp_path / "s1" / "model"), "--data", str(data), "--out", str(tmp_path / "s2"),
+                 "--freeze", "vision", "--max-steps", "2", "--batch-size", "4", "--threads", "1",
+                 "--no-progress"]) == 0
+    stage2 = splice.load(tmp_path / "s2" / "model").state_dict()
+    assert {k.split(".")[0] for k in stage1 if not torch.equal(stage1[k], stage2[k])} == {"projector", "language"}
+    assert main(["train", str(saved / "model"), "--data", str(data), "--out", str(tmp_path / "s3"), "--freeze",
+                 "encoder", "--max-steps", "1", "--no-progress"]) != 0
+    assert "freeze" in capsys.readouterr().err

@@ -11,6 +11,7 @@ VipLlava's visual prompts (a red rectangle or arrow, in the image's pixel coordi
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -142,3 +143,90 @@ def run_ask(model_path: str, image: str, question: str, *, box: str | None, arro
                  num_beams=num_beams)
     print(_printable(answer))
     return 0
+
+
+# -- question/answer rows for splice train ------------------------------------------------------------------------
+
+
+class PromptQADataset(torch.utils.data.Dataset):
+    """Rows of (image, question, answer) as a prefix LM trains on them: ``input_ids`` the prompt (as ``splice ask``
+    builds it, the image token expanded) then the answer's tokens and ``eos``; ``labels`` -100 over the prompt, so
+    the loss is taken on the answer alone."""
+
+    def __init__(self, rows: list, *, model, processor, report):
+        self.rows, self.processor = rows, processor
+        eos, limit = model.tokens.get("eos"), getattr(model.language, "max_positions", None)
+        self.items: list[tuple[list[int], list[int]]] = []
+        for row in rows:
+            prompt = prompt_ids(model, row.question)[0].tolist()
+            answer = model.tokenizer.encode(" " + row.answer, add_special_tokens=False).ids
+            ids = prompt + answer + ([eos] if eos is not None else [])
+            if limit is not None and len(ids) > limit:  # the answer's end is cut, never the image
+                ids, report.truncated = ids[:limit], report.truncated + 1
+            self.items.append((ids, [-100] * len(prompt) + ids[len(prompt):]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        try:
+            px = self.processor.one(row.image)  # (C, H, W)
+        except Exception as exc:  # the file changed since it was checked: skipped, counted by the collate
+            return {"error": f"{row.where}: {type(exc).__name__}: {exc}"}
+        ids, labels = self.items[i]
+        return {"pixel_values": px, "input_ids": ids, "labels": labels, "question": row.question,
+                "category": row.category}
+
+
+def collate_prompts(items, pad: int) -> dict:
+    """Right-padded (B, T) ``input_ids`` / ``attention_mask`` / ``labels`` (-100 on padding), stacked images; items
+    that failed to load are counted in ``errors``."""
+    items = list(items)
+    good = [it for it in items if "error" not in it]
+    errors = [it["error"] for it in items if "error" in it]
+    if not good:
+        return {"pixel_values": None, "labels": None, "captions": [], "categories": None, "errors": errors}
+    T = max(len(it["input_ids"]) for it in good)
+    ids = torch.full((len(good), T), pad, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(good), T), -100, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(good), T), dtype=torch.long)  # (B, T)
+    for i, it in enumerate(good):
+        n = len(it["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(it["input_ids"]), torch.tensor(it["labels"]), 1
+    categories = [it["category"] for it in good]
+    return {"pixel_values": torch.stack([it["pixel_values"] for it in good]), "input_ids": ids,
+            "attention_mask": mask, "labels": labels, "captions": [it["question"] for it in good],
+            "categories": categories if any(c is not None for c in categories) else None, "errors": errors}
+
+
+def load_prompt_qa_data(path, model, *, seed: int = 0, eval_path=None, eval_fraction: float = 0.05):
+    """``splice train`` data for a prefix LM from a JSONL file or image folder of ``{"image", "question",
+    "answer"}`` rows (``splice.vqa.read_qa_rows``): (train, eval or None, reports)."""
+    from splice.core.processing import processor_for
+    from splice.data import DataReport, FileData, find_sources, split
+    from splice.vqa import read_qa_rows
+
+    _prefix_lm(model)
+    train_src, eval_src = find_sources(path)
+    if eval_path is not None:
+        eval_src = find_sources(eval_path)[0]
+    rows, report = read_qa_rows(train_src)
+    reports, eval_report = [report], None
+    if eval_src is not None:
+        eval_rows, eval_report = read_qa_rows(eval_src)
+        reports.append(eval_report)
+    else:
+        rows, eval_rows = split(rows, eval_fraction, seed) if len(rows) >= 20 else (rows, [])
+    pad, processor = model.tokens.get("pad") or 0, processor_for(model)
+
+    def source(rows_: list, report_, name: str) -> FileData:
+        dataset = PromptQADataset(rows_, model=model, processor=processor, report=report_)
+        return FileData(dataset, seed=seed, name=name, collate_fn=functools.partial(collate_prompts, pad=pad))
+
+    train = source(rows, report, str(train_src))
+    evaluation = None
+    if eval_rows:
+        held = eval_report or DataReport("held out", len(eval_rows), len(eval_rows))
+        evaluation = source(eval_rows, held, str(eval_src or f"{train_src} (held out {len(eval_rows)})"))
+    return train, evaluation, reports

@@ -374,6 +374,11 @@ def _add_model_commands(sub) -> None:
     p.set_defaults(fn=_cmd_vqa)
 
 
+# the parts the built-in kinds' models can freeze (each model checks its own; a third party's kind: its spec)
+FREEZE_PARTS = ("encoder", "decoder", "cross_attention", "projection", "vision", "text", "projections", "language",
+                "projector", "visual", "head")
+
+
 def _add_train(sub, with_flags: bool = True) -> None:
 
     p = sub.add_parser("train", help="train a spec or a saved model on captioned images (Ctrl-C saves a checkpoint)")
@@ -389,8 +394,10 @@ def _add_train(sub, with_flags: bool = True) -> None:
         for option, keywords in flags():  # one per TrainConfig setting, with its help and bound
             p.add_argument(option, **keywords)
     p.add_argument("--tokenizer", default=None, help="tokenizer.json for a model without one (its ids must fit the decoder)")
-    p.add_argument("--freeze", nargs="+", choices=["encoder", "decoder", "cross_attention", "projection"],
-                   default=None, help="freeze these parts too (the spec's freeze list always applies)")
+    p.add_argument("--freeze", nargs="+", default=None, metavar="PART", choices=FREEZE_PARTS,
+                   help="freeze these parts too (the spec's freeze list always applies); the kind names them: "
+                   "encoder-decoder: encoder decoder cross_attention projection; dual-encoder: vision text "
+                   "projections; prefix-lm: vision language projector; single-stream: vision text visual head")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.set_defaults(fn=_cmd_train)
 

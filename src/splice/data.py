@@ -271,7 +271,7 @@ class FileData:
 
     is_stream = False
 
-    def __init__(self, dataset: CaptionDataset, *, seed: int = 0, name: str = ""):
+    def __init__(self, dataset: CaptionDataset, *, seed: int = 0, name: str = "", collate_fn=None):
         if len(dataset) == 0:
             raise InputError(
                 f"{short(name or 'the dataset')}: no usable rows\n{dataset.report.summary(examples=2)}\n"
@@ -280,6 +280,7 @@ class FileData:
         self.dataset = dataset
         self.seed = seed
         self.name = name
+        self.collate = collate_fn or collate  # items -> a batch
         self._perms: dict[int, Tensor] = {}
 
     def __len__(self) -> int:
@@ -300,13 +301,13 @@ class FileData:
         return int(perm[k])
 
     def get(self, positions: Sequence[int]) -> dict:
-        return collate(self.dataset[self.index(k)] for k in positions)
+        return self.collate(self.dataset[self.index(k)] for k in positions)
 
     def eval_batches(self, n: int | None = None, batch_size: int = 64) -> Iterable[dict]:
         """The rows in order (at most ``n``), as batches."""
         total = len(self.dataset) if n is None else min(n, len(self.dataset))
         for start in range(0, total, batch_size):
-            yield collate(self.dataset[i] for i in range(start, min(start + batch_size, total)))
+            yield self.collate(self.dataset[i] for i in range(start, min(start + batch_size, total)))
 
 
 def split(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:

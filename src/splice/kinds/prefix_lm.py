@@ -325,6 +325,13 @@ class PrefixLMModel(ComposedModel):
 
     # -- training (splice.train; see ComposedModel) -------------------------------------------------------------
 
+    def training_data(self, path, *, seed: int, eval_path=None):
+        """``{"image", "question", "answer"}`` rows (JSONL or an image folder), prompts built as ``splice ask``
+        builds them, the loss on the answer (``splice.ask.load_prompt_qa_data``)."""
+        from splice.ask import load_prompt_qa_data
+
+        return load_prompt_qa_data(path, self, seed=seed, eval_path=eval_path)
+
     def caption_encoding(self) -> CaptionEncoding:
         return CaptionEncoding(special_tokens=False, eos=self.tokens.get("eos"),
                                max_len=getattr(self.language, "max_positions", None),
