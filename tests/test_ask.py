@@ -140,3 +140,25 @@ def test_splice_train_on_question_answer_rows_in_two_stages(saved, tmp_path, cap
     assert main(["train", str(saved / "model"), "--data", str(data), "--out", str(tmp_path / "s3"), "--freeze",
                  "encoder", "--max-steps", "1", "--no-progress"]) != 0
     assert "freeze" in capsys.readouterr().err
+
+
+def test_a_short_prefix_lm_demo_run(tmp_path, capsys):
+    from splice import demo_prefix_lm, synthetic
+
+    model = splice.compose(demo_prefix_lm.SPEC, seed=0)
+    model.tokenizer = demo_prefix_lm.build_tokenizer()
+    data = demo_prefix_lm.ShapesPromptQA(model)
+    batch = data.get(range(4))
+    for i in range(4):  # the labels are the answer and eos, after the prompt built as `splice ask` builds it
+        prompt = list(data.prompt(batch["captions"][i]))
+        assert batch["input_ids"][i, : len(prompt)].tolist() == prompt
+        target = [t for t in batch["labels"][i].tolist() if t != -100]
+        assert model.tokenizer.decode(target[:-1]) == batch["answers"][i] and target[-1] == model.tokens["eos"]
+    boxed = next(k for k in range(40) if data.sample(synthetic.HELDOUT_STREAM, k)[3] == "box")
+    image, q, answer, _ = data.sample(synthetic.HELDOUT_STREAM, boxed)
+    assert q == "what is in the red box" and (image == [255, 0, 0]).all(axis=-1).any()  # the box is drawn
+    assert demo_prefix_lm.run(out=str(tmp_path / "d"), minutes=0.05, eval_size=20, progress=False) == 0
+    text = capsys.readouterr().out
+    assert "held-out exact match:" in text and "box" in text and "where" in text and "loaded it back" in text
+    assert splice.load(tmp_path / "d" / "model").chat_template == demo_prefix_lm.TEMPLATE
+

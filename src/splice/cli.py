@@ -208,6 +208,8 @@ def _cmd_demo(args) -> int:
         from splice import demo_dual_encoder as chosen
     elif args.kind == "single-stream":
         from splice import demo_vqa as chosen
+    elif args.kind == "prefix-lm":
+        from splice import demo_prefix_lm as chosen
     else:
         from splice import demo as chosen
     out = args.out or ("out/demo" if args.kind == "encoder-decoder" else f"out/demo-{args.kind}")
@@ -321,9 +323,10 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_schema)
 
     p = sub.add_parser("demo", help="the embedded default: train a tiny captioner on synthetic shapes, then caption")
-    p.add_argument("--kind", choices=["encoder-decoder", "dual-encoder", "single-stream"], default="encoder-decoder",
-                   help="encoder-decoder: a captioner (default); dual-encoder: contrastive, then zero-shot labels; "
-                   "single-stream: questions about the shapes (VisualBERT + ViT)")
+    p.add_argument("--kind", choices=["encoder-decoder", "dual-encoder", "prefix-lm", "single-stream"],
+                   default="encoder-decoder", help="encoder-decoder: a captioner (default); dual-encoder: contrastive, "
+                   "then zero-shot labels; prefix-lm: questions with visual prompts (CLIP + LLaMA); single-stream: "
+                   "questions about the shapes (VisualBERT + ViT)")
     p.add_argument("--spec", default=None, help="spec to train (default: examples/demo-captioner.yaml, or "
                    "examples/demo-dual-encoder.yaml with --kind dual-encoder)")
     p.add_argument("--out", default=None, help="output folder (default: out/demo, out/demo-dual-encoder)")
