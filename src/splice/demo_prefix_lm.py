@@ -27,19 +27,19 @@ TEMPLATE = "{{ bos_token }} <image> question: {{ messages[0]['content'][1]['text
 
 SPEC = {
     "kind": "prefix-lm",
-    "vision": {"name": "clip_vision", "config": {"image_size": 64, "patch_size": 16, "hidden_size": 128,
+    "vision": {"name": "clip_vision", "config": {"image_size": 64, "patch_size": 8, "hidden_size": 128,
                                                  "intermediate_size": 512, "num_hidden_layers": 2,
                                                  "num_attention_heads": 4}},
     "language": {"name": "llama", "config": {"vocab_size": len(SPECIAL) + len(WORDS), "hidden_size": 128,
                                              "intermediate_size": 512, "num_hidden_layers": 2,
                                              "num_attention_heads": 4, "num_key_value_heads": 2,
-                                             "max_position_embeddings": 40}},
+                                             "max_position_embeddings": 96}},
     "projector": "llava",
     "vision_feature_layers": -1,
     "tokens": {"image": 4, "pad": 0, "bos": 1, "eos": 2},
     "chat_template": TEMPLATE,
 }
-RECIPE = dict(batch_size=32, lr=2e-3, warmup_steps=50, schedule="cosine", weight_decay=0.01, grad_clip=1.0)
+RECIPE = dict(batch_size=32, lr=1e-3, warmup_steps=50, schedule="cosine", weight_decay=0.01, grad_clip=1.0)
 
 
 def build_tokenizer():
