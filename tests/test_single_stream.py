@@ -360,3 +360,12 @@ def test_demo_questions_are_answered_by_their_images():
     loss = model.training_loss_sum(model, batch)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_splice_demo_kind_single_stream_exits_0(tmp_path, capsys):
+    from splice.cli import main
+
+    assert main(["demo", "--kind", "single-stream", "--minutes", "0.05", "--threads", "1", "--out",
+                 str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out answer accuracy:" in out and "loaded it back" in out
