@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from splice.core.errors import InputError, short
+from splice.data import RowDataset
 
 VIPLLAVA_TEMPLATE = "###Human: <image>\n{prompt}###Assistant:"
 RED = (255, 0, 0)
@@ -148,7 +149,7 @@ def run_ask(model_path: str, image: str, question: str, *, box: str | None, arro
 # -- question/answer rows for splice train ------------------------------------------------------------------------
 
 
-class PromptQADataset(torch.utils.data.Dataset):
+class PromptQADataset(RowDataset):
     """Rows of (image, question, answer) as a prefix LM trains on them: ``input_ids`` the prompt (as ``splice ask``
     builds it, the image token expanded) then the answer's tokens and ``eos``; ``labels`` -100 over the prompt, so
     the loss is taken on the answer alone."""
@@ -165,39 +166,26 @@ class PromptQADataset(torch.utils.data.Dataset):
                 ids, report.truncated = ids[:limit], report.truncated + 1
             self.items.append((ids, [-100] * len(prompt) + ids[len(prompt):]))
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        row = self.rows[i]
-        try:
-            px = self.processor.one(row.image)  # (C, H, W)
-        except Exception as exc:  # the file changed since it was checked: skipped, counted by the collate
-            return {"error": f"{row.where}: {type(exc).__name__}: {exc}"}
+    def item(self, i: int, row, pixels: torch.Tensor) -> dict:
         ids, labels = self.items[i]
-        return {"pixel_values": px, "input_ids": ids, "labels": labels, "question": row.question,
+        return {"pixel_values": pixels, "input_ids": ids, "labels": labels, "question": row.question,
                 "category": row.category}
 
 
 def collate_prompts(items, pad: int) -> dict:
     """Right-padded (B, T) ``input_ids`` / ``attention_mask`` / ``labels`` (-100 on padding), stacked images; items
     that failed to load are counted in ``errors``."""
-    items = list(items)
-    good = [it for it in items if "error" not in it]
-    errors = [it["error"] for it in items if "error" in it]
-    if not good:
-        return {"pixel_values": None, "labels": None, "captions": [], "categories": None, "errors": errors}
-    T = max(len(it["input_ids"]) for it in good)
-    ids = torch.full((len(good), T), pad, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(good), T), -100, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(good), T), dtype=torch.long)  # (B, T)
-    for i, it in enumerate(good):
-        n = len(it["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(it["input_ids"]), torch.tensor(it["labels"]), 1
-    categories = [it["category"] for it in good]
-    return {"pixel_values": torch.stack([it["pixel_values"] for it in good]), "input_ids": ids,
-            "attention_mask": mask, "labels": labels, "captions": [it["question"] for it in good],
-            "categories": categories if any(c is not None for c in categories) else None, "errors": errors}
+    from splice.vqa import collate_qa
+
+    items = list(items)  # the questions' batch, then the labels over its tokens
+    batch = collate_qa([it if "error" in it else {**it, "label": -100, "answer": None} for it in items], pad)
+    if batch["pixel_values"] is None:
+        return batch
+    labels = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)  # (B, T)
+    for i, it in enumerate(it for it in items if "error" not in it):
+        labels[i, : len(it["labels"])] = torch.tensor(it["labels"])
+    batch.pop("answers")
+    return {**batch, "labels": labels}
 
 
 def load_prompt_qa_data(path, model, *, seed: int = 0, eval_path=None, eval_fraction: float = 0.05):

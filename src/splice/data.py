@@ -224,7 +224,25 @@ def pad_labels(rows: Sequence[Sequence[int]]) -> Tensor:
     return labels
 
 
-class CaptionDataset(torch.utils.data.Dataset):
+class RowDataset(torch.utils.data.Dataset):
+    """Rows whose image is read when the item is asked for: ``item(i, row, pixels)`` makes the item; a row whose
+    image no longer reads is ``{"error": ...}`` (``row_pixels``)."""
+
+    rows: list
+    processor: object
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        px = row_pixels(self.processor, self.rows[i])
+        return px if isinstance(px, dict) else self.item(i, self.rows[i], px)
+
+    def item(self, i: int, row, pixels: Tensor) -> dict:
+        raise NotImplementedError
+
+
+class CaptionDataset(RowDataset):
     """Rows of (image, caption); items are ``{"pixel_values" (C, H, W), "labels" list[int], "caption"}``."""
 
     def __init__(self, rows: list[Row], *, tokenizer, processor, eos: int | None, max_len: int,
@@ -238,16 +256,17 @@ class CaptionDataset(torch.utils.data.Dataset):
             self.report.truncated += cut
             self.labels.append(ids)
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def item(self, i: int, row: Row, pixels: Tensor) -> dict:
+        return {"pixel_values": pixels, "labels": self.labels[i], "caption": row.text}
 
-    def __getitem__(self, i: int) -> dict | None:
-        row = self.rows[i]
-        try:
-            px = self.processor.one(row.image)  # (C, H, W)
-        except Exception as exc:  # the file changed since it was checked: skip it, counted by collate
-            return {"error": f"{row.where}: {type(exc).__name__}: {exc}"}
-        return {"pixel_values": px, "labels": self.labels[i], "caption": self.rows[i].text}
+
+def row_pixels(processor, row) -> Tensor | dict:
+    """A row's image as (C, H, W) pixels, or ``{"error": ...}`` when it no longer reads (the file changed since it
+    was checked): the collate leaves it out and counts it."""
+    try:
+        return processor.one(row.image)  # (C, H, W)
+    except Exception as exc:
+        return {"error": f"{row.where}: {type(exc).__name__}: {exc}"}
 
 
 def collate(items: Iterable[dict]) -> dict:

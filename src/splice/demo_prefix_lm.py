@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -107,13 +107,6 @@ class ShapesPromptQA(synthetic.ShapesData):
             answers.append(answer)
         return {**collate_prompts(out, pad=self.model.tokens["pad"]), "answers": answers}
 
-    def get(self, positions: Sequence[int]) -> dict:
-        return self.items(synthetic.TRAIN_STREAM, positions)
-
-    def eval_batches(self, n: int | None = 500, batch_size: int = 100) -> Iterable[dict]:
-        n = 500 if n is None else n
-        for start in range(0, n, batch_size):
-            yield self.items(synthetic.HELDOUT_STREAM, range(start, min(start + batch_size, n)))
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -96,13 +96,6 @@ class ShapesVQA(synthetic.ShapesData):
                         "label": self.index[answer], "question": q, "answer": answer, "category": kind})
         return collate_qa(out, pad=0)
 
-    def get(self, positions: Sequence[int]) -> dict:
-        return self.items(synthetic.TRAIN_STREAM, positions)
-
-    def eval_batches(self, n: int | None = 500, batch_size: int = 100) -> Iterable[dict]:
-        n = 500 if n is None else n
-        for start in range(0, n, batch_size):
-            yield self.items(synthetic.HELDOUT_STREAM, range(start, min(start + batch_size, n)))
 
 
 def run(spec: dict | None = None, out: str = "out/demo-vqa", *, minutes: float = 5.0, threads: int | None = 2,

@@ -268,8 +268,12 @@ class ShapesData:
             "errors": [],
         }
 
+    def items(self, stream: int, indices: Iterable[int]) -> dict:
+        """The batch of samples ``indices`` of ``stream`` (a subclass asks other questions of the same images)."""
+        return self.make_batch([sample(self.seed, stream, k, self.config) for k in indices])
+
     def get(self, positions: Sequence[int]) -> dict:
-        return self.make_batch([sample(self.seed, TRAIN_STREAM, k, self.config) for k in positions])
+        return self.items(TRAIN_STREAM, positions)
 
     def caption_set(self) -> list[str]:
         """Every caption the set can draw (what zero-shot classification chooses among)."""
@@ -279,9 +283,9 @@ class ShapesData:
         return [sample(self.seed, HELDOUT_STREAM, i, self.config) for i in range(n)]
 
     def eval_batches(self, n: int | None = 500, batch_size: int = 100) -> Iterable[dict]:
-        held = self.heldout(500 if n is None else n)
-        for start in range(0, len(held), batch_size):
-            yield self.make_batch(held[start : start + batch_size])
+        n = 500 if n is None else n
+        for start in range(0, n, batch_size):
+            yield self.items(HELDOUT_STREAM, range(start, min(start + batch_size, n)))
 
 
 def write_imagefolder(path: str | Path, n: int, *, image_size: int = 64, seed: int = 0, stream: int = TRAIN_STREAM) -> Path:

@@ -23,7 +23,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from splice.core.errors import InputError, short
-from splice.data import METADATA, BadRow, DataReport, FileData, check_tokenizer, encode_caption, find_sources, split
+from splice.data import (METADATA, BadRow, DataReport, FileData, check_tokenizer, encode_caption, find_sources,
+                         RowDataset, split)
 
 UNKNOWN = "unknown answer"  # the data report's reason for a row whose answer is not in the vocabulary
 
@@ -193,7 +194,7 @@ def _known(rows: list[QARow], index: dict[str, int], report: DataReport) -> list
     return kept
 
 
-class QADataset(torch.utils.data.Dataset):
+class QADataset(RowDataset):
     """Rows of (image, question, answer); items are ``{"pixel_values" (C, H, W), "input_ids" list[int], "label",
     "question", "answer", "category"}``."""
 
@@ -207,16 +208,8 @@ class QADataset(torch.utils.data.Dataset):
             self.ids.append(ids)
         self.labels = [index[row.answer] for row in rows]
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        row = self.rows[i]
-        try:
-            px = self.processor.one(row.image)  # (C, H, W)
-        except Exception as exc:  # the file changed since it was checked: skip it, counted by the collate
-            return {"error": f"{row.where}: {type(exc).__name__}: {exc}"}
-        return {"pixel_values": px, "input_ids": self.ids[i], "label": self.labels[i], "question": row.question,
+    def item(self, i: int, row: QARow, pixels: torch.Tensor) -> dict:
+        return {"pixel_values": pixels, "input_ids": self.ids[i], "label": self.labels[i], "question": row.question,
                 "answer": row.answer, "category": row.category}
 
 
