@@ -47,10 +47,13 @@ def _cmd_list(args) -> int:
             print(f"{kind}s:")
         alias = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
         print(f"  {row['name']:<34} {row['plugin']:<32} {row['description']}{alias}")
-    if failures:
-        print("\nplugins that failed to load (the others work):")
-        for f in failures:
-            print(f"  {f}")
+    for title, group in (("names two plugins registered (switched off; everything else works)",
+                          [f for f in failures if f.clash]),
+                         ("plugins that failed to load (the others work)", [f for f in failures if not f.clash])):
+        if group:
+            print(f"\n{title}:")
+            for f in group:
+                print(f"  {f}")
     return 0
 
 

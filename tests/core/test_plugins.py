@@ -113,6 +113,9 @@ def test_duplicate_name_switches_off_that_name_only(tmp_path, monkeypatch, fresh
     assert any("switched off" in f["error"] and f["plugin"] == "dup_vit" for f in data["plugin_failures"])
     text = _splice_cli(["list"], tmp_path)
     assert text.returncode == 0 and "encoder name 'vit' is registered by plugins" in text.stdout
+    clashes = text.stdout.split("names two plugins registered (switched off; everything else works):")[1]
+    assert "dup_vit" in clashes and "plugins that failed to load" not in text.stdout  # dup_vit itself loaded
+    assert any(f["clash"] for f in data["plugin_failures"] if f["plugin"] == "dup_vit")
 
     other = tmp_path / "other.yaml"  # every other component validates
     other.write_text("encoder: {name: deit, config: {img_size: 32, patch_size: 8, embed_dim: 48, depth: 1, "

@@ -86,6 +86,7 @@ class PluginFailure:
     error: str
     fix: str = ""
     dist: str = ""  # the distribution that installed the plugin, when known
+    clash: bool = False  # a name two plugins registered (switched off alone; the plugin itself loaded)
 
     def __str__(self) -> str:
         text = f"{self.plugin} ({self.stage}): {self.error}"
@@ -436,7 +437,7 @@ def _clash(registry: Registry, entry: Entry, source: _Source, hook_name: str, fa
                  "plugins' other components work")
         fix = (f"uninstall one of the packages, or SPLICE_DISABLE_PLUGINS={entry.plugin} (or {claims[0].plugin}) to "
                "switch one plugin off; or ask one author to rename it")
-        failures.append(PluginFailure(source.name, hook_name, error, fix, source.dist))
+        failures.append(PluginFailure(source.name, hook_name, error, fix, source.dist, clash=True))
 
 
 def _register_kind_fn(registry: Registry, kind: str, source: _Source, hook_name: str,
