@@ -77,3 +77,14 @@ def test_the_walker_sees_imports_inside_functions():
 def test_no_import_cycles_in_splice():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_src_never_imports_transformers():
+    """transformers is the tests' oracle, not a dependency: no module of src/splice imports it, anywhere."""
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "transformers"]
+    assert not offenders, offenders
