@@ -68,19 +68,25 @@ def draw_prompts(image, *, box: Sequence[float] | None = None, arrow: Sequence[f
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str):
+    """A chat template compiled once (a dataset builds one prompt per row)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment().from_string(template)
+
+
 def prompt_text(model, question: str) -> tuple[str, bool]:
     """(the prompt with one image placeholder, whether the tokenizer should add its special tokens)."""
     template = getattr(model, "chat_template", None)
     image = model.tokenizer.id_to_token(model.tokens["image"]) or "<image>"
     if not template:
         return VIPLLAVA_TEMPLATE.replace("<image>", image).format(prompt=question), True
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     names = {k: model.tokenizer.id_to_token(model.tokens[k]) if model.tokens.get(k) is not None else ""
              for k in ("bos", "eos", "pad")}
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     try:
-        text = ImmutableSandboxedEnvironment().from_string(template).render(
+        text = _compiled(template).render(
             messages=messages, add_generation_prompt=True, bos_token=names["bos"], eos_token=names["eos"],
             pad_token=names["pad"])
     except Exception as exc:  # a template that fails to render: its own error, named
@@ -121,10 +127,11 @@ def ask(model, image: Any, question: str, *, box=None, arrow=None, max_new_token
     picture = load_image(image) if not hasattr(image, "convert") else image
     if box is not None or arrow is not None:
         picture = draw_prompts(picture, box=box, arrow=arrow)
-    processor = processor_for(model)
-    first = next(model.parameters())
-    pixels = processor.one(picture)[None].to(first.device, first.dtype)  # (1, C, H, W)
-    ids = prompt_ids(model, question).to(first.device)
+    from splice.core.inputs import home_tensor
+
+    home = home_tensor(model)
+    pixels = processor_for(model).one(picture)[None].to(home.device, home.dtype)  # (1, C, H, W)
+    ids = prompt_ids(model, question).to(home.device)
     model.eval()
     out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                          max_new_tokens=max_new_tokens, **options)

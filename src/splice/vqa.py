@@ -18,6 +18,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+import functools
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -237,16 +238,8 @@ class QAData(FileData):
     """A ``QADataset`` read as a seeded stream of epochs (``splice.data.FileData``'s order)."""
 
     def __init__(self, dataset: QADataset, *, pad: int, seed: int = 0, name: str = ""):
-        super().__init__(dataset, seed=seed, name=name)
+        super().__init__(dataset, seed=seed, name=name, collate_fn=functools.partial(collate_qa, pad=pad))
         self.pad = pad
-
-    def get(self, positions: Sequence[int]) -> dict:
-        return collate_qa((self.dataset[self.index(k)] for k in positions), self.pad)
-
-    def eval_batches(self, n: int | None = None, batch_size: int = 64) -> Iterable[dict]:
-        total = len(self.dataset) if n is None else min(n, len(self.dataset))
-        for start in range(0, total, batch_size):
-            yield collate_qa((self.dataset[i] for i in range(start, min(start + batch_size, total))), self.pad)
 
 
 def load_qa_data(path: str | Path, model, *, seed: int = 0, eval_path: str | Path | None = None,

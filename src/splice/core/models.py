@@ -129,8 +129,8 @@ class ComposedModel(nn.Module):
 
     def evaluate_training(self, source: Any, *, n: int | None, batch_size: int, precision: str) -> dict | None:
         """The held-out figures ``splice train`` logs (a dict with ``loss`` and ``n``; other float values are shown
-        as percentages); None: the trainer's default (greedy exact match for a model that ``generate``s captions,
-        else the mean loss over ``source.eval_batches``)."""
+        as percentages); None: the trainer's default (greedy exact match for an encoder-decoder captioner, else
+        the mean loss over ``source.eval_batches``)."""
         return None
 
 

@@ -247,11 +247,13 @@ class DualEncoderModel(ComposedModel):
         """The held-out loss, image->text and text->image recall@1 among the held-out pairs (a hit: the top
         text's caption is the image's own, duplicates included), and zero-shot accuracy over the caption set
         (``source.caption_set()``, else the held-out captions)."""
+        from splice.train.optim import autocast_for
+
         device, was_training = home_tensor(self.text_projection).device, self.training
         self.eval()
         images, texts, captions, categories, loss_sum = [], [], [], [], 0.0
         try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with autocast_for(precision, device):
                 for batch in source.eval_batches(n, batch_size):
                     if batch["pixel_values"] is None:
                         continue

@@ -350,13 +350,6 @@ class PrefixLMModel(ComposedModel):
                       attention_mask=batch.get("attention_mask")).logits
         return self._loss_sum(logits, batch["labels"])
 
-    @torch.no_grad()
-    def evaluate_training(self, source, *, n: int | None, batch_size: int, precision: str) -> dict:
-        """The held-out loss (answers are judged by the question-answer data's own evaluation, when it has one)."""
-        from splice.train.scoring import evaluate_loss
-
-        return evaluate_loss(self, source, n=n, batch_size=batch_size, precision=precision)
-
 
 # ---- validate / assemble ---------------------------------------------------------------------------------
 

@@ -530,18 +530,20 @@ class SingleStreamModel(ComposedModel):
     @torch.no_grad()
     def evaluate_training(self, source, *, n: int | None, batch_size: int, precision: str) -> dict:
         """The held-out loss and answer accuracy (per category when the rows have one)."""
+        from splice.train.optim import autocast_for
+
         device, was_training = home_tensor(self.visual).device, self.training
         self.eval()
         loss_sum, right, total, by = 0.0, 0, 0, {}
         try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with autocast_for(precision, device):
                 for batch in source.eval_batches(n, batch_size):
                     if batch["pixel_values"] is None:
                         continue
                     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                    loss_sum += float(self.training_loss_sum(self, batch))
                     out = self(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"])
+                               attention_mask=batch["attention_mask"], labels=batch["labels"])
+                    loss_sum += float(out.loss) * batch["labels"].shape[0]  # the loss and the answers, one pass
                     hits = (out.logits.argmax(dim=-1) == batch["labels"]).tolist()
                     right, total = right + sum(hits), total + len(hits)
                     for cat, hit in zip(batch.get("categories") or [None] * len(hits), hits):

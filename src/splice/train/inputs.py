@@ -64,8 +64,9 @@ def resolve_data(data: Any, model: nn.Module, cfg: TrainConfig, eval_data: Any =
     if isinstance(data, (str, Path)):
         from splice.data import load_data
 
-        own = model.training_data(data, seed=cfg.seed, eval_path=eval_data) if hasattr(model, "training_data") \
-            else None
+        from splice.train.optim import trained
+
+        own = trained(model).training_data(data, seed=cfg.seed, eval_path=eval_data)
         if own is not None:  # the kind reads its own rows (a single stream's questions and answers)
             return own
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from splice.core.models import EncoderDecoderModel
 from splice.train.optim import autocast_for, token_loss_sum, trained
 
 
@@ -26,11 +27,11 @@ def _decode(model: nn.Module, row: list[int]) -> str:
 def evaluate(model: nn.Module, source: Any, *, n: int | None = 500, batch_size: int = 100,
              precision: str = "fp32", examples: int = 16) -> dict:
     """The held-out figures of ``model`` on ``source.eval_batches``: the kind's own when its model defines
-    ``evaluate_training``; else greedy exact match for a model that generates captions; else the mean loss."""
+    ``evaluate_training``; else greedy exact match for a captioner (an encoder-decoder); else the mean loss."""
     own = trained(model).evaluate_training(source, n=n, batch_size=batch_size, precision=precision)
     if own is not None:
         return own
-    if callable(getattr(model, "generate", None)):
+    if isinstance(trained(model), EncoderDecoderModel):
         return evaluate_captions(model, source, n=n, batch_size=batch_size, precision=precision, examples=examples)
     return evaluate_loss(model, source, n=n, batch_size=batch_size, precision=precision)
 
